@@ -1,0 +1,124 @@
+"""Captioner: encoder -> projector -> causal LLM, with the visual tokens spliced into the prompt.
+
+The prompt is split once at the ``<video>`` placeholder and tokenized once; per batch only the
+visual tokens change. Sequences of different lengths (different frame counts) are left-padded
+so generation continues from aligned last positions. The same ``build_inputs`` serves training
+(with labels on the caption tokens only) and generation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+from models.config import VIDEO_PLACEHOLDER, GenerationConfig
+from models.encoder import VisionEncoder
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Generated:
+    text: str
+    token_ids: list[int]   # generated ids, EOS excluded
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class Captioner(nn.Module):
+    def __init__(self, encoder: VisionEncoder, projector: nn.Module, llm: nn.Module, tokenizer, prompt: str):
+        super().__init__()
+        self.encoder, self.projector, self.llm, self.tokenizer = encoder, projector, llm, tokenizer
+        before, after = prompt.split(VIDEO_PLACEHOLDER, 1)
+        # BOS (if the tokenizer adds one) goes before the prompt's first part only.
+        prefix = tokenizer(before, add_special_tokens=True)["input_ids"] if before else []
+        if not before and tokenizer.bos_token_id is not None:
+            prefix = [tokenizer.bos_token_id]
+        suffix = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+        self.register_buffer("prefix_ids", torch.tensor(prefix, dtype=torch.long), persistent=False)
+        self.register_buffer("suffix_ids", torch.tensor(suffix, dtype=torch.long), persistent=False)
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+
+    @property
+    def device(self) -> torch.device:
+        return self.prefix_ids.device
+
+    def visual_tokens(self, pixels: torch.Tensor, frames_per_video: list[int],
+                      pooled: bool = False):
+        """(sum T, 3, S, S) pixels -> list of (T_i*N, D_vision) token blocks (+ pooled (sum T, E))."""
+        out = self.encoder(pixels, pooled=pooled)
+        tokens, image_emb = out if pooled else (out, None)              # (sum T, N, D)
+        blocks = [b.reshape(-1, b.shape[-1]) for b in torch.split(tokens, frames_per_video)]
+        return (blocks, image_emb) if pooled else blocks
+
+    def project(self, blocks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Vision token blocks (L_i, D_vision) -> LLM token blocks (Q_i, D_llm); one call when shapes agree."""
+        if len({b.shape[0] for b in blocks}) == 1:
+            return list(self.projector(torch.stack(blocks)).unbind(0))  # (B, Q, D_llm)
+        return [self.projector(b.unsqueeze(0))[0] for b in blocks]
+
+    def build_inputs(self, visual: list[torch.Tensor], targets: list[list[int]] | None = None):
+        """Left-padded (B, L, D_llm) embeddings, (B, L) mask, (B, L) position ids and labels (or None).
+
+        Each row is [prompt before <video>] [visual tokens] [prompt after] [target ids + EOS].
+        """
+        embed = self.llm.get_input_embeddings()
+        dtype = embed.weight.dtype
+        pre, suf = embed(self.prefix_ids), embed(self.suffix_ids)      # (P, D), (S, D)
+        rows, label_rows = [], []
+        for i, vis in enumerate(visual):
+            parts = [pre, vis.to(dtype), suf]
+            labels = [IGNORE_INDEX] * (pre.shape[0] + vis.shape[0] + suf.shape[0])
+            if targets is not None:
+                ids = list(targets[i]) + [self.eos_id]
+                parts.append(embed(torch.tensor(ids, device=self.device)))
+                labels += ids
+            rows.append(torch.cat(parts))
+            label_rows.append(labels)
+        length = max(r.shape[0] for r in rows)
+        batch, dim = len(rows), rows[0].shape[1]
+        embeds = rows[0].new_zeros(batch, length, dim)
+        mask = torch.zeros(batch, length, dtype=torch.long, device=self.device)
+        labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long, device=self.device)
+        for i, row in enumerate(rows):
+            n = row.shape[0]
+            embeds[i, length - n:] = row
+            mask[i, length - n:] = 1
+            labels[i, length - n:] = torch.tensor(label_rows[i], device=self.device)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        return embeds, mask, positions, (labels if targets is not None else None)
+
+    def loss(self, visual: list[torch.Tensor], targets: list[list[int]]) -> torch.Tensor:
+        embeds, mask, positions, labels = self.build_inputs(visual, targets)
+        return self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, labels=labels).loss
+
+    @torch.inference_mode()
+    def generate(self, visual: list[torch.Tensor], gen: GenerationConfig,
+                 max_new_tokens: list[int] | None = None) -> list[Generated]:
+        """Greedy (or configured) batched decoding; each row may stop at its own ``max_new_tokens``.
+
+        Rows share one ``generate`` call run to the largest limit; a greedy row cut at its own
+        limit equals what a call with that limit would have produced.
+        """
+        embeds, mask, _, _ = self.build_inputs(visual)
+        limits = max_new_tokens or [gen.max_new_tokens] * len(visual)
+        options = asdict(gen) | {"max_new_tokens": max(limits)}
+        if not options["do_sample"]:
+            options.pop("temperature"), options.pop("top_p")
+        out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, pad_token_id=self.pad_id,
+                                eos_token_id=self.eos_id, **options)        # (B, new) new tokens only
+        results = []
+        for row, limit in zip(out.tolist(), limits, strict=True):
+            ids = []
+            for tok in row[:limit]:
+                if tok == self.eos_id:
+                    break
+                ids.append(tok)
+            text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+            results.append(Generated(text=text, token_ids=ids))
+        return results

@@ -1,0 +1,177 @@
+"""Build small components from scratch and write them in the formats the loader reads.
+
+Used by ``capguard init-checkpoint`` (a random-init stack for tests and for wiring up your own
+parts) and by ``capguard train`` (the demo stack). Every writer here produces exactly what a
+user's own components look like on disk: an open_clip local dir, a transformers model dir, a
+projector safetensors file and a capguard.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn as nn
+
+from models.config import (
+    CheckpointConfig,
+    GenerationConfig,
+    LLMConfig,
+    ProjectorConfig,
+    ScorerConfig,
+    VisionConfig,
+)
+from models.encoder import OPEN_CLIP_CONFIG
+from models.projector import build_projector
+from models.weights import save_state_dict
+
+SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+# A few sentences in both languages so a random-init tokenizer covers Hangul and Latin text.
+BOOTSTRAP_TEXT = [
+    "맑은 낮, 평평한 지붕의 3층짜리 회색 건물을 왼쪽으로 패닝하며 촬영한 영상",
+    "해질녘, 기와지붕을 얹은 2층짜리 갈색 한옥을 오른쪽으로 패닝하며 촬영한 영상",
+    "a three-storey grey building with a flat roof in daylight, camera panning left",
+]
+
+
+@dataclass
+class TinySizes:
+    image_size: int = 32      # encoder input side; the demo uses 64
+    patch_size: int = 8       # (image_size / patch_size)^2 patch tokens per frame
+    vision_width: int = 64
+    vision_layers: int = 2
+    text_width: int = 64
+    text_layers: int = 2
+    context_length: int = 48  # scorer text length; captions are short
+    embed_dim: int = 64       # shared image-text embedding size of the scorer
+    llm_hidden: int = 64
+    llm_layers: int = 2
+    llm_heads: int = 4
+    vocab_size: int = 512     # tokenizer vocabulary (BPE merges on top of the byte alphabet)
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, out_dir: str | Path | None = None):
+    """A byte-level BPE tokenizer (any Unicode input round-trips) as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    bos = tok.token_to_id(SPECIAL_TOKENS["bos_token"])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+    if out_dir is not None:
+        fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def clip_model_config(sizes: TinySizes, vocab_size: int) -> dict:
+    """A SigLIP-style open_clip config (sigmoid loss bias, bidirectional text tower, last-token pool)."""
+    return {
+        "embed_dim": sizes.embed_dim,
+        "init_logit_bias": -10,
+        "custom_text": True,
+        "vision_cfg": {"image_size": sizes.image_size, "patch_size": sizes.patch_size, "width": sizes.vision_width,
+                       "layers": sizes.vision_layers, "head_width": 32, "mlp_ratio": 4.0},
+        "text_cfg": {"context_length": sizes.context_length, "vocab_size": vocab_size, "width": sizes.text_width,
+                     "heads": max(1, sizes.text_width // 32), "layers": sizes.text_layers, "no_causal_mask": True,
+                     "pool_type": "last", "proj_bias": True, "pad_id": 2},
+    }
+
+
+def build_clip(model_cfg: dict) -> nn.Module:
+    """Random-init open_clip model from a config dict (no hub, no files)."""
+    name = f"capguard-{os.getpid()}-{id(model_cfg)}"
+    open_clip.factory._MODEL_CONFIGS[name] = model_cfg  # open_clip's registry of named configs
+    try:
+        return open_clip.create_model(name, load_weights=False)
+    finally:
+        open_clip.factory._MODEL_CONFIGS.pop(name, None)
+
+
+def preprocess_config(image_size: int) -> dict:
+    """Our small models' preprocessing: squash the frame to the input size (synthetic frames are
+    square), scale to [-1, 1] like SigLIP."""
+    return {"size": image_size, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bilinear",
+            "resize_mode": "squash"}
+
+
+def write_open_clip_dir(model: nn.Module, model_cfg: dict, out_dir: str | Path,
+                        tokenizer=None, dtype: torch.dtype | None = None) -> Path:
+    """open_clip_config.json + open_clip_model.safetensors (+ tokenizer files), the layout open_clip reads."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    preprocess = preprocess_config(model_cfg["vision_cfg"]["image_size"])
+    (out_dir / OPEN_CLIP_CONFIG).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess},
+                                                       indent=2) + "\n")
+    save_state_dict(model, out_dir / "open_clip_model.safetensors", dtype=dtype)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def build_llm(tokenizer, sizes: TinySizes):
+    """A small Llama-architecture causal LM sized for the tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=sizes.llm_hidden,
+                         intermediate_size=sizes.llm_hidden * 4, num_hidden_layers=sizes.llm_layers,
+                         num_attention_heads=sizes.llm_heads, num_key_value_heads=sizes.llm_heads,
+                         max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=True)
+    return LlamaForCausalLM(config)
+
+
+def write_llm_dir(llm, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """A transformers model dir (weights cast to ``dtype`` on disk only; the module is not changed)."""
+    out_dir = Path(out_dir)
+    state = None
+    if dtype is not None:
+        state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in llm.state_dict().items()}
+    llm.save_pretrained(str(out_dir), state_dict=state)
+    tokenizer.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def write_checkpoint(out_dir: str | Path, projector: nn.Module, projector_type: str, vision_path: str,
+                     llm_path: str, scorer: ScorerConfig | None = None, prompt: str = "<video>\n",
+                     options: dict | None = None, info: dict | None = None,
+                     generation: GenerationConfig | None = None, num_frames: int = 8,
+                     dtype: torch.dtype | None = None) -> Path:
+    """A checkpoint dir: projector.safetensors + capguard.json whose component paths are relative to it."""
+    out_dir = Path(out_dir)
+    save_state_dict(projector, out_dir / "projector.safetensors", dtype=dtype)
+    config = CheckpointConfig(vision=VisionConfig(path=vision_path),
+                              projector=ProjectorConfig(type=projector_type, options=dict(options or {})),
+                              llm=LLMConfig(path=llm_path), prompt=prompt, num_frames=num_frames,
+                              generation=generation or GenerationConfig(), scorer=scorer,
+                              name=out_dir.name, info=dict(info or {}))
+    config.save(out_dir)
+    return out_dir
+
+
+def init_checkpoint(out_dir: str | Path, projector_type: str = "mlp2x_gelu", sizes: TinySizes | None = None,
+                    options: dict | None = None, seed: int = 0, texts: list[str] | None = None) -> Path:
+    """A complete random-init stack in one dir: encoder/scorer (open_clip), LLM, projector, manifest."""
+    sizes = sizes or TinySizes()
+    torch.manual_seed(seed)
+    out_dir = Path(out_dir)
+    tokenizer = train_tokenizer(texts or BOOTSTRAP_TEXT, sizes.vocab_size)
+    model_cfg = clip_model_config(sizes, len(tokenizer))
+    clip = build_clip(model_cfg)
+    write_open_clip_dir(clip, model_cfg, out_dir / "siglip", tokenizer=tokenizer)
+    llm = build_llm(tokenizer, sizes)
+    write_llm_dir(llm, tokenizer, out_dir / "llm")
+    projector = build_projector(projector_type, sizes.vision_width, sizes.llm_hidden, **(options or {}))
+    return write_checkpoint(out_dir, projector, projector_type, "siglip", "llm",
+                            scorer=ScorerConfig(path="siglip", tokenizer="siglip"), options=options,
+                            info={"made_by": "capguard init-checkpoint", "seed": seed})

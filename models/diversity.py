@@ -1,0 +1,601 @@
+"""Diversity and collapse metrics: the one implementation behind the live guard, evaluation and training.
+
+The field report (../shared/seed/) taught four things, and each has a metric here:
+- hard collapse (97 videos, 1 distinct caption) -> ``unique_ratio`` on normalized captions;
+- near-duplicate collapse (epochs 5-6: "...낮의 풍경을..." vs "...낮의 광경을...") that exact matching
+  misses -> ``cluster_near_duplicates`` / ``near_unique_ratio`` / ``top_mode_share``;
+- SigLIP rises while diversity falls, so a caption must also pick out *its own* video among the
+  window's videos -> ``grounding`` (R@1 and margin on scorer embeddings);
+- corpus-level repetition in softer forms -> ``repeat_probability``, ``distinct_n``, ``self_bleu``.
+
+``diversity_report`` computes all of them once; ``tripped_rules`` applies ``GuardThresholds``.
+
+Conventions: every count works on ``caption_key`` (normalized, spaces removed; see
+``normalize_caption`` for why). A metric that is undefined for its input (no captions, no n-grams,
+fewer than two captions to compare) returns ``nan``; ``nan`` never trips a guard rule and becomes
+``null`` in ``DiversityReport.to_dict``. Nothing here imports torch: inputs are strings and numpy arrays.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import logging
+import math
+import unicodedata
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from rapidfuzz import process
+from rapidfuzz.distance import Indel
+from sacrebleu.metrics.bleu import BLEU
+from sacrebleu.metrics.helpers import extract_all_word_ngrams
+
+logger = logging.getLogger(__name__)
+
+RULES = ("unique_ratio", "near_unique_ratio", "top_mode_share", "grounding_r1")  # names tripped_rules returns
+NAN = float("nan")
+
+# ---------------------------------------------------------------------------------------------------------
+# Normalization
+
+
+class _StripTable(dict):
+    """str.translate table: punctuation (P*), symbols (S*) and control/format (C*) -> space, else kept.
+
+    Filled lazily per code point, so normalizing 10,000 captions costs one category lookup per distinct char.
+    """
+
+    def __missing__(self, codepoint: int) -> int:
+        category = unicodedata.category(chr(codepoint))
+        self[codepoint] = 0x20 if category[0] in "PSC" else codepoint
+        return self[codepoint]
+
+
+_STRIP = _StripTable()
+
+
+def normalize_caption(text: str, *, keep_spaces: bool = True) -> str:
+    """Canonical form of a caption for counting: NFC, casefolded, no punctuation/symbols, one space per gap.
+
+    Steps: canonical caseless form (NFC of casefold of NFD, so NFD Hangul from a macOS file equals NFC
+    Hangul), then every Unicode P*/S* character (and C* control/format such as zero-width spaces) becomes
+    a space, then whitespace runs collapse to one space and the ends are stripped.
+
+    ``keep_spaces=False`` is the spacing-insensitive form (``caption_key``). Every count in this module
+    (exact-unique, Good-Turing, the keys that near-duplicate clustering compares) uses it, because Korean
+    word spacing (띄어쓰기) varies between generations of the same sentence ("낮의 풍경" / "낮의풍경"), and
+    a model that only varies spacing is still collapsed. The cost is that English captions identical letter
+    for letter but spaced differently ("a part" / "apart") count as one; for a collapse detector that is
+    harmless (it can only merge strings with identical letters).
+
+    Example: "맑고,  화창한 낮의 풍경!" -> "맑고 화창한 낮의 풍경"; keep_spaces=False -> "맑고화창한낮의풍경";
+    "A Clear-Sky SCENE." -> "a clear sky scene".
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"captions must be str, got {type(text).__name__}: {text!r}; convert or drop it first")
+    return _normalize(text, keep_spaces)
+
+
+@functools.lru_cache(maxsize=2**16)  # a report normalizes each caption several times; collapsed windows repeat
+def _normalize(text: str, keep_spaces: bool) -> str:
+    folded = unicodedata.normalize("NFC", unicodedata.normalize("NFD", text).casefold())
+    words = folded.translate(_STRIP).split()
+    return " ".join(words) if keep_spaces else "".join(words)
+
+
+def caption_key(text: str) -> str:
+    """The identity under which captions are counted: ``normalize_caption(text, keep_spaces=False)``.
+
+    Example: "낮의 풍경을." and "낮의풍경을" -> both "낮의풍경을".
+    """
+    return normalize_caption(text, keep_spaces=False)
+
+
+def _keys(captions: Sequence[str]) -> list[str]:
+    if isinstance(captions, str):
+        raise TypeError("captions must be a sequence of str, got one str; wrap it in a list")
+    return [caption_key(c) for c in captions]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Exact repetition
+
+
+def unique_ratio(captions: Sequence[str]) -> float:
+    """Distinct captions / captions, after ``caption_key`` normalization (the field report's "diversity").
+
+    n == 0 -> nan (undefined; nan never trips a rule, and the guard gives no verdict below 30 anyway).
+
+    Example: captions=["a", "a", "b"] -> 2/3 = 0.667; ["낮의 풍경.", "낮의풍경"] -> 0.5.
+    """
+    keys = _keys(captions)
+    return len(set(keys)) / len(keys) if keys else NAN
+
+
+def repeat_probability(captions: Sequence[str]) -> float:
+    """Good-Turing probability that the next caption repeats one already seen: 1 - f1 / n.
+
+    f1 = number of normalized captions seen exactly once (the Good-Turing estimate of the unseen mass is
+    f1 / n). A healthy captioner (all distinct) gives 0; one caption for every video gives 1.
+    n == 0 -> nan.
+
+    Example: captions=["a", "a", "b"] -> f1 = 1 ("b"), 1 - 1/3 = 0.667; ["a", "b", "c"] -> 0.0;
+    ["a", "a", "a"] -> 1.0.
+    """
+    keys = _keys(captions)
+    if not keys:
+        return NAN
+    f1 = sum(1 for count in Counter(keys).values() if count == 1)
+    return 1.0 - f1 / len(keys)
+
+
+def distinct_n(captions: Sequence[str], n: int, unit: str = "syllable") -> float:
+    """Distinct n-grams / total n-grams, pooled over all captions (n-grams never cross two captions).
+
+    ``unit="syllable"``: characters of the spacing-free key (Hangul syllables; for Latin text, letters).
+    ``unit="word"``: whitespace tokens of the normalized caption. No n-grams at all (every caption shorter
+    than n) -> nan. Hand-written: no maintained library computes distinct-n (a Counter is all it takes).
+
+    Example: captions=["ab", "ab"], n=1 -> units a, b, a, b -> 2 distinct / 4 = 0.5;
+    n=2 -> "ab", "ab" -> 1/2 = 0.5; ["a b c", "a b d"], n=2, unit="word" -> {ab, bc, bd} 3 / 4 = 0.75.
+    """
+    if n < 1:
+        raise ValueError(f"distinct_n needs n >= 1, got {n}")
+    if unit == "syllable":
+        sequences = _keys(captions)
+    elif unit == "word":
+        sequences = [normalize_caption(c).split() for c in captions]
+    else:
+        raise ValueError(f"unknown unit {unit!r}; use 'syllable' or 'word'")
+    ngrams: set = set()
+    total = 0
+    for seq in sequences:
+        grams = [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+        ngrams.update(grams)
+        total += len(grams)
+    return len(ngrams) / total if total else NAN
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Near-duplicate modes
+
+
+@dataclass
+class Mode:
+    """One cluster of near-identical captions: what the guard shows as "the model keeps saying this"."""
+
+    representative: str  # the most frequent original (un-normalized) text in the cluster, for humans to read
+    count: int           # captions in the cluster (with repeats), the numerator of its share
+    share: float         # count / n: top_mode_share is the largest of these
+    members: list[int]   # indices into the input caption list, ascending, so callers can find the videos
+    variants: int = 1    # distinct normalized captions in the cluster: > 1 means near-duplicate collapse
+
+
+# Leader clustering compares each new key with every leader so far, in rapidfuzz's C cdist, a block of keys at
+# a time; only the per-key argmax runs in Python. Indel similarity >= t needs the shorter string to be at
+# least t / (2 - t) of the longer (0.82 at t = 0.9), so each length-sorted slice of a block is compared only
+# with the leaders of compatible length: pairs that cannot match are never scored (28M instead of 50M pairs
+# for 10,000 distinct Hangul captions of 8-48 syllables, where even a hopeless pair costs ~100 ns in cdist).
+_CLUSTER_BLOCK = 256  # keys per block (frequency order)
+_LENGTH_SLICE = 32    # keys per length-sorted slice of a block
+# Similarities are fractions (0.9 = 18/20) that float rounding can put a hair under the threshold (rapidfuzz's
+# own score_cutoff drops 34/40 at 0.85), so "sim >= threshold" is tested as sim >= threshold - _SIM_SLACK.
+_SIM_SLACK = 1e-9
+
+
+def _similarity_matrix(queries: list[str], choices: list[str], threshold: float) -> np.ndarray:
+    """Indel normalized similarity, (len(queries), len(choices)) float64; values well below threshold are 0."""
+    if not queries or not choices:
+        return np.zeros((len(queries), len(choices)))
+    # the cutoff only lets rapidfuzz skip hopeless pairs; its own float test is too strict at the boundary
+    return process.cdist(queries, choices, scorer=Indel.normalized_similarity,
+                         score_cutoff=max(threshold - 1e-6, 0.0), dtype=np.float64, workers=-1)
+
+
+def _best_leaders(block: list[str], leader_keys: np.ndarray, leader_lens: np.ndarray,
+                  threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """For each key of the block: (best similarity >= threshold or 0, leader index or -1); ties -> lower index.
+
+    leader_keys: (L,) object array of leader strings, leader_lens: (L,) their lengths.
+    Example: block=["aaaaaaaaab"], leaders ["bbbbbbbbbb", "aaaaaaaaaa"] -> ([0.9], [1]).
+    """
+    best_sim = np.zeros(len(block))
+    best = np.full(len(block), -1)
+    if not len(leader_keys):
+        return best_sim, best
+    lens = np.array([len(k) for k in block])
+    order = np.argsort(lens, kind="stable")
+    low, high = threshold / (2.0 - threshold), (2.0 - threshold) / threshold
+    for start in range(0, len(order), _LENGTH_SLICE):
+        rows = order[start:start + _LENGTH_SLICE]  # (s,) block rows of similar length
+        fits = (leader_lens >= lens[rows].min() * low - 1e-9) & (leader_lens <= lens[rows].max() * high + 1e-9)
+        candidates = np.flatnonzero(fits)           # (c,) ascending, so argmax keeps the earliest leader
+        if not len(candidates):
+            continue
+        sim = _similarity_matrix([block[r] for r in rows], leader_keys[candidates].tolist(), threshold)  # (s, c)
+        j = sim.argmax(axis=1)
+        top = sim[np.arange(len(rows)), j]
+        hit = top >= threshold - _SIM_SLACK
+        best_sim[rows[hit]] = top[hit]
+        best[rows[hit]] = candidates[j[hit]]
+    return best_sim, best
+
+
+def _leader_clusters(keys: list[str], threshold: float) -> list[int]:
+    """Leader clustering of distinct keys (already in priority order) -> cluster id per key.
+
+    Each key joins the most similar existing leader with similarity >= threshold (ties: the earlier,
+    i.e. more frequent, leader), else founds a cluster and becomes its leader. No chaining: a key close to a
+    member but not to the leader founds its own cluster.
+
+    Example: keys=["aaaaaaaaaa", "bbbbbbbbbb", "aaaaaaaaab"], threshold=0.9 -> [0, 1, 0].
+    """
+    cluster_of = [0] * len(keys)
+    leader_keys = np.empty(len(keys), dtype=object)  # (n,) filled up to n_leaders; cluster id = position
+    leader_lens = np.empty(len(keys), dtype=np.int64)
+    n_leaders = 0
+    for start in range(0, len(keys), _CLUSTER_BLOCK):
+        block = keys[start:start + _CLUSTER_BLOCK]
+        n_old = n_leaders
+        old_sim, old_best = _best_leaders(block, leader_keys[:n_old], leader_lens[:n_old], threshold)  # (b,)
+        within = _similarity_matrix(block, block, threshold)  # (b, b): leaders founded inside this block
+        new_rows: list[int] = []  # rows of this block that founded a cluster, in order
+        for r in range(len(block)):
+            best_sim, best = old_sim[r], int(old_best[r])
+            if new_rows:
+                sims = within[r, new_rows]
+                j = int(np.argmax(sims))
+                if sims[j] >= threshold - _SIM_SLACK and sims[j] > best_sim:
+                    best = n_old + j
+            if best < 0:
+                best = n_leaders
+                leader_keys[n_leaders], leader_lens[n_leaders] = block[r], len(block[r])
+                n_leaders += 1
+                new_rows.append(r)
+            cluster_of[start + r] = best
+    return cluster_of
+
+
+def _check_threshold(threshold: float) -> None:
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"near-duplicate threshold must be in (0, 1], got {threshold}; 0.9 is the default")
+
+
+def cluster_near_duplicates(captions: Sequence[str], threshold: float = 0.9) -> list[Mode]:
+    """Group captions that are the same up to small edits; modes sorted by count (desc), then first index.
+
+    Similarity is rapidfuzz ``Indel.normalized_similarity`` (= ``fuzz.ratio`` / 100) on ``caption_key``
+    forms: 1 - (insertions + deletions) / (len_a + len_b). Chosen over normalized Levenshtein because
+    (1) for a same-length swap of k syllables both give 1 - k/L, so "풍경"/"광경" scores alike, while
+    (2) Indel divides by the *sum* of lengths, so a template caption plus or minus a short clause stays a
+    near-duplicate, which is how template collapse looks; and (3) it is rapidfuzz's reference ratio with a
+    bit-parallel LCS kernel, so a 10,000 x 10,000 comparison stays in C. Comparing spacing-free keys makes
+    the score about syllables, not about where the spaces fell.
+
+    Leader clustering: distinct keys ordered by frequency (ties: first appearance) each join the most
+    similar existing leader with sim >= threshold, else found a cluster. Representative = the cluster's most
+    frequent original text (ties: first seen).
+
+    Example: ["aaaaaaaaaa"] * 3 + ["aaaaaaaaab", "bbbbbbbbbb", "bbbbbbbbbb"], threshold=0.9 ->
+    [Mode("aaaaaaaaaa", 4, 0.667, [0, 1, 2, 3], variants=2), Mode("bbbbbbbbbb", 2, 0.333, [4, 5])]
+    ("aaaaaaaaab" is 2 Indel edits from the leader: 1 - 2/20 = 0.9 >= 0.9).
+    """
+    _check_threshold(threshold)
+    keys = _keys(captions)
+    members_of: dict[str, list[int]] = {}
+    for i, key in enumerate(keys):
+        members_of.setdefault(key, []).append(i)
+    # dicts keep first-appearance order and sorted() is stable, so ties stay in order of appearance
+    distinct = sorted(members_of, key=lambda k: len(members_of[k]), reverse=True)
+    cluster_of = _leader_clusters(distinct, threshold)
+
+    grouped: dict[int, list[str]] = {}
+    for key, cluster in zip(distinct, cluster_of, strict=True):
+        grouped.setdefault(cluster, []).append(key)
+    modes = []
+    for cluster_keys in grouped.values():
+        members = sorted(i for key in cluster_keys for i in members_of[key])
+        texts = Counter(captions[i] for i in members)
+        representative = max(texts, key=texts.__getitem__)  # first-seen text wins ties
+        modes.append(Mode(representative, len(members), len(members) / len(keys), members, len(cluster_keys)))
+    modes.sort(key=lambda m: (-m.count, m.members[0]))
+    return modes
+
+
+def near_unique_ratio(captions: Sequence[str], threshold: float = 0.9) -> float:
+    """Near-duplicate clusters / captions: ``unique_ratio`` that does not count one-word variants twice.
+
+    n == 0 -> nan.
+
+    Example: ["a clear sunny daytime landscape of the city centre with tall grey buildings", the same with
+    "scene", "POSCO E&C grey building"] -> 2 clusters / 3 = 0.667 (exact unique_ratio: 1.0).
+    """
+    modes = cluster_near_duplicates(captions, threshold)
+    return len(modes) / len(captions) if len(captions) else NAN
+
+
+def top_mode_share(captions: Sequence[str], threshold: float = 0.9) -> float:
+    """Share of the largest near-duplicate cluster: "one caption in five is this one" at 0.2.
+
+    n == 0 -> nan.
+
+    Example: ["a", "a", "b", "c"] -> 2/4 = 0.5.
+    """
+    modes = cluster_near_duplicates(captions, threshold)
+    return modes[0].share if modes else NAN
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Self-BLEU
+
+
+def self_bleu(captions: Sequence[str], max_n: int = 4, tokenize: str = "char",
+              max_captions: int = 1000, seed: int = 0) -> float:
+    """Corpus BLEU of every caption against all the others as references, in [0, 1] (sacrebleu score / 100).
+
+    Equals ``sacrebleu.corpus_bleu(hyps, refs, tokenize=tokenize)`` with refs[k][i] = the k-th caption
+    other than i (tests check parity). Plain corpus_bleu re-extracts n-1 references for each of n
+    hypotheses, O(n^2) Python work (0.76 s at n=100, 3.6 s at n=200); here each caption's n-grams are
+    extracted once with sacrebleu's own helper, the "max count over the other captions" that sacrebleu
+    computes by merging references is read from the top-2 counts of each n-gram, and sacrebleu's
+    ``BLEU.compute_bleu`` turns the statistics into the score (default 'exp' smoothing, as corpus_bleu).
+
+    ``tokenize="char"`` (default): Hangul syllables are the units; sacrebleu's char tokenizer drops spaces,
+    so the score ignores Korean spacing like every other metric here. ``ko-mecab`` would need MeCab;
+    "intl"/"13a" work too but make a one-syllable particle change a whole-word miss. Input is
+    ``normalize_caption`` text. Above ``max_captions`` captions, a fixed-seed random subset of that size is
+    scored (documented sampling: the estimate is stable and the cost bounded). n < 2 -> nan.
+
+    Example: ["같은 문장", "같은 문장"] -> 1.0 (each is the other's reference); captions sharing no
+    character -> 0.0.
+    """
+    if max_n < 1:
+        raise ValueError(f"self_bleu needs max_n >= 1, got {max_n}")
+    texts = [normalize_caption(c) for c in captions]
+    if len(texts) > max_captions:
+        rng = np.random.default_rng(seed)
+        picked = np.sort(rng.choice(len(texts), size=max_captions, replace=False))
+        logger.debug("self_bleu: scoring a fixed-seed sample of %d of %d captions", max_captions, len(texts))
+        texts = [texts[i] for i in picked]
+    if len(texts) < 2:
+        return NAN
+    bleu = BLEU(tokenize=tokenize, max_ngram_order=max_n)
+    counts, lengths = [], []
+    for text in texts:
+        grams, length = extract_all_word_ngrams(bleu.tokenizer(text.rstrip()), 1, max_n)
+        counts.append(grams)
+        lengths.append(length)
+
+    # For each n-gram: its largest count, which caption holds it, and the runner-up count.
+    top1: dict[tuple, int] = {}
+    owner: dict[tuple, int] = {}
+    top2: dict[tuple, int] = {}
+    for i, grams in enumerate(counts):
+        for gram, c in grams.items():
+            best = top1.get(gram, 0)
+            if c > best:
+                top2[gram], top1[gram], owner[gram] = best, c, i
+            elif c > top2.get(gram, 0):
+                top2[gram] = c
+
+    length_counts = Counter(lengths)
+    distinct_lengths = sorted(length_counts)
+    correct, total = [0] * max_n, [0] * max_n
+    ref_len_sum = 0
+    for i, grams in enumerate(counts):
+        for gram, c in grams.items():
+            total[len(gram) - 1] += c
+            ref_max = top1[gram] if owner[gram] != i else top2.get(gram, 0)
+            correct[len(gram) - 1] += min(c, ref_max)
+        ref_len_sum += _closest_other_length(lengths[i], length_counts, distinct_lengths)
+    score = BLEU.compute_bleu(correct, total, sum(lengths), ref_len_sum, smooth_method=bleu.smooth_method,
+                              smooth_value=bleu.smooth_value, effective_order=bleu.effective_order,
+                              max_ngram_order=max_n)
+    return score.score / 100.0
+
+
+def _closest_other_length(own: int, length_counts: Counter, distinct_lengths: list[int]) -> int:
+    """sacrebleu's closest reference length (ties -> shorter) among the *other* captions' lengths.
+
+    Example: own=5, lengths {5: 1, 3: 2, 7: 1} -> 3 (3 and 7 tie at distance 2; shorter wins).
+    """
+    if length_counts[own] > 1:
+        return own
+    pos = bisect.bisect_left(distinct_lengths, own)
+    below = distinct_lengths[pos - 1] if pos > 0 else None
+    above = distinct_lengths[pos + 1] if pos + 1 < len(distinct_lengths) else None
+    if below is None:
+        return above
+    if above is None or own - below <= above - own:
+        return below
+    return above
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Grounding
+
+_TIE_TOL = 1e-5  # cosine differences below this are ties: float32 products of identical inputs differ by ~1e-6
+_GROUNDING_ROWS = 512  # rows per block: a 10,000-caption window needs (512, 10000) float32 = 20 MB at a time
+
+
+def _unit_rows(x: np.ndarray, name: str) -> np.ndarray:
+    """(n, D) -> (n, D) float32 with unit rows (zero rows stay zero), normalized in float64."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be (n, D), got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} has nan/inf entries; check the scorer's output")
+    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def grounding(text_emb: np.ndarray, video_emb: np.ndarray) -> tuple[float, float]:
+    """Does each caption pick out its own video among the window's videos? -> (R@1, mean margin).
+
+    text_emb, video_emb: (n, D), row i = caption i and the video it was generated for; rows are
+    L2-normalized here whatever comes in. sim = text @ video.T (n, n), float32 (3-4x faster than float64
+    on CPU, the whole cost at n=10,000), hence the 1e-5 tie tolerance.
+    - R@1: share of captions i whose own video is the *strict* argmax of row i (by more than 1e-5) and
+      whose text embedding is not a duplicate (cosine >= 1 - 1e-5) of another caption's. The second
+      condition is what "ties are not a hit" means for a collapsed model: identical captions give identical
+      text rows, so every video's column ties between them; without it, one caption of a collapsed group
+      would still score a hit whenever its own video happened to be the one the generic text matches best.
+      So a generic caption is never grounded, and R@1 <= (captions seen once) / n.
+    - margin: mean over i of sim[i, i] - max_{j != i} sim[i, j] (> 0: captions prefer their own video).
+    Chance level of R@1 is about 1/n. n < 2 -> (nan, nan): with one video there is nothing to pick from.
+
+    Example: text = video = eye(3) -> (1.0, 1.0); text = eye(3)[[1, 2, 0]], video = eye(3) -> (0.0, -1.0);
+    three identical text rows -> R@1 0.0.
+    """
+    text = _unit_rows(text_emb, "text_emb")     # (n, D)
+    video = _unit_rows(video_emb, "video_emb")  # (n, D)
+    if text.shape != video.shape:
+        raise ValueError(f"text_emb {text.shape} and video_emb {video.shape} must have the same shape "
+                         "(one row per caption and its own video)")
+    n = text.shape[0]
+    if n < 2:
+        return NAN, NAN
+    hits, margin_sum = 0, 0.0
+    for start in range(0, n, _GROUNDING_ROWS):
+        rows = np.arange(start, min(start + _GROUNDING_ROWS, n))  # (b,)
+        diag = (np.arange(len(rows)), rows)
+        sim = text[rows] @ video.T                                 # (b, n)
+        own = sim[diag].astype(np.float64)                         # (b,)
+        sim[diag] = -np.inf
+        margin = own - sim.max(axis=1)                             # (b,)
+        margin_sum += float(margin.sum())
+        wins = rows[margin > _TIE_TOL]                             # (w,) only these can be hits
+        if len(wins):
+            same_text = text[wins] @ text.T                        # (w, n)
+            same_text[np.arange(len(wins)), wins] = -np.inf
+            hits += int(np.count_nonzero(same_text.max(axis=1) < 1.0 - _TIE_TOL))
+    return hits / n, margin_sum / n
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Report and guard rules
+
+
+@dataclass
+class GuardThresholds:
+    """When a window counts as collapsed (DESIGN.md defaults); any one rule tripping flags it."""
+
+    min_unique_ratio: float = 0.5       # the field report's healthy line; every collapsed epoch sat below it
+    min_near_unique_ratio: float = 0.5  # same line, counting one-word variants once (epochs 5-6)
+    max_top_mode_share: float = 0.2    # one caption for more than 1 video in 5 is a mode, whatever the rest do
+    # R@1 floor. Chance is 1/n (0.033 at the guard's 30-caption minimum, 0.01 at 100), so 0.1 is 3-10x
+    # chance: a healthy captioner clears it even on a window of look-alike videos (all buildings), while
+    # generic captions, which SigLIP rewards, cannot: R@1 <= (captions seen once) / n, and the report's
+    # 9-of-97 epoch is capped at 0.093.
+    min_grounding_r1: float = 0.1
+    near_dup_threshold: float = 0.9     # Indel similarity for "same caption": a 2-syllable swap in 35 is 0.94
+
+    def __post_init__(self) -> None:
+        for name in ("min_unique_ratio", "min_near_unique_ratio", "max_top_mode_share", "min_grounding_r1"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"GuardThresholds.{name} is a ratio in [0, 1], got {value}")
+        _check_threshold(self.near_dup_threshold)
+
+
+@dataclass
+class DiversityReport:
+    """Every figure for one window or evaluation set; ``to_dict`` is what the API and reports serialize."""
+
+    n: int                           # captions in the window
+    unique: int                      # distinct normalized captions
+    unique_ratio: float              # unique / n: hard collapse (the field report's diversity)
+    near_unique: int                 # near-duplicate clusters
+    near_unique_ratio: float         # near_unique / n: collapse onto one-word variants
+    top_mode_share: float            # share of the largest cluster
+    repeat_probability: float        # Good-Turing chance the next caption repeats a seen one
+    distinct_1: float                # distinct syllables / syllables
+    distinct_2: float                # distinct syllable bigrams / bigrams
+    self_bleu: float | None          # None when not computed (the live guard skips it)
+    grounding_r1: float | None       # None without embeddings; nan below 2 captions
+    grounding_margin: float | None   # same
+    modes: list[Mode]                # the top_k clusters: what the model keeps saying
+    near_dup_threshold: float = 0.9  # the similarity the clusters used, so a report explains itself
+
+    def to_dict(self) -> dict:
+        """JSON-able dict; nan becomes None (JSON has no nan).
+
+        Example: DiversityReport(n=0, unique_ratio=nan, ...).to_dict()["unique_ratio"] -> None.
+        """
+        return _finite_or_none(asdict(self))
+
+
+def _finite_or_none(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def diversity_report(captions: Sequence[str], text_emb: np.ndarray | None = None,
+                     video_emb: np.ndarray | None = None, near_dup_threshold: float = 0.9, top_k: int = 5,
+                     with_self_bleu: bool = True) -> DiversityReport:
+    """All metrics for one set of captions, normalizing and clustering once.
+
+    Grounding needs both embeddings (row i = caption i / its video), else its fields are None.
+
+    Example: diversity_report(["a", "a", "b"]) -> n=3, unique=2, unique_ratio=0.667, near_unique=2,
+    top_mode_share=0.667, repeat_probability=0.667, modes=[Mode("a", 2, ...), Mode("b", 1, ...)].
+    """
+    if (text_emb is None) != (video_emb is None):
+        raise ValueError("grounding needs both text_emb and video_emb (or neither)")
+    keys = _keys(captions)
+    n = len(keys)
+    modes = cluster_near_duplicates(captions, near_dup_threshold)
+    if text_emb is not None and len(text_emb) != n:
+        raise ValueError(f"{len(text_emb)} embedding rows for {n} captions; pass one row per caption")
+    r1, margin = grounding(text_emb, video_emb) if text_emb is not None else (None, None)
+    unique = len(set(keys))
+    return DiversityReport(
+        n=n,
+        unique=unique,
+        unique_ratio=unique / n if n else NAN,
+        near_unique=len(modes),
+        near_unique_ratio=len(modes) / n if n else NAN,
+        top_mode_share=modes[0].share if modes else NAN,
+        repeat_probability=repeat_probability(captions),
+        distinct_1=distinct_n(captions, 1),
+        distinct_2=distinct_n(captions, 2),
+        self_bleu=self_bleu(captions) if with_self_bleu else None,
+        grounding_r1=r1,
+        grounding_margin=margin,
+        modes=modes[:top_k],
+        near_dup_threshold=near_dup_threshold,
+    )
+
+
+def tripped_rules(report: DiversityReport, thresholds: GuardThresholds) -> list[str]:
+    """Names of the guard rules the report breaks, in ``RULES`` order; nan/None figures never trip.
+
+    grounding_r1 is checked only when the report has grounding.
+
+    Example: unique_ratio=0.01, near_unique_ratio=0.01, top_mode_share=1.0, grounding_r1=None ->
+    ["unique_ratio", "near_unique_ratio", "top_mode_share"].
+    """
+    tripped = []
+    if report.unique_ratio < thresholds.min_unique_ratio:
+        tripped.append("unique_ratio")
+    if report.near_unique_ratio < thresholds.min_near_unique_ratio:
+        tripped.append("near_unique_ratio")
+    if report.top_mode_share > thresholds.max_top_mode_share:
+        tripped.append("top_mode_share")
+    if report.grounding_r1 is not None and report.grounding_r1 < thresholds.min_grounding_r1:
+        tripped.append("grounding_r1")
+    return tripped
+
+
+__all__ = [
+    "RULES", "DiversityReport", "GuardThresholds", "Mode", "caption_key", "cluster_near_duplicates",
+    "distinct_n", "diversity_report", "grounding", "near_unique_ratio", "normalize_caption",
+    "repeat_probability", "self_bleu", "top_mode_share", "tripped_rules", "unique_ratio",
+]

@@ -1,0 +1,240 @@
+"""A loaded checkpoint: captioner + optional scorer on one device, and the batched caption pipeline.
+
+``load_stack(dir)`` reads capguard.json, resolves every component path relative to the
+checkpoint, builds and strictly loads each part, and fingerprints the weights. Components are
+cached by resolved path in a ``ComponentCache`` so checkpoints that share an encoder or LLM
+(training epochs) hold one copy in memory, and a scorer on the captioner's own tower reuses its
+forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from models.captioner import Captioner
+from models.config import MANIFEST_NAME, CheckpointConfig, CheckpointError, GenerationConfig
+from models.encoder import FramePreprocessor, VisionEncoder, frames_to_tensor, load_open_clip
+from models.projector import build_projector, strip_llava_prefix
+from models.scorer import Scorer, load_tokenizer
+from models.weights import fingerprint, load_strict, read_state_dict, weight_files
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """"auto": bf16 on a GPU that has it (fp16 otherwise), fp32 on CPU."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise CheckpointError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16") from None
+
+
+@dataclass
+class ComponentCache:
+    """Loaded open_clip models, LLMs and file fingerprints, keyed by resolved path (and device)."""
+    open_clip: dict = field(default_factory=dict)
+    llms: dict = field(default_factory=dict)
+    hashes: dict = field(default_factory=dict)
+
+    def clip_model(self, path: Path, device: torch.device, dtype: torch.dtype):
+        key = (path, device, dtype)
+        if key not in self.open_clip:
+            model, cfg = load_open_clip(path)
+            self.open_clip[key] = (model.to(device=device, dtype=dtype), cfg)
+        return self.open_clip[key]
+
+    def llm(self, path: Path, device: torch.device, dtype: torch.dtype):
+        key = (path, device, dtype)
+        if key not in self.llms:
+            self.llms[key] = load_llm(path, device, dtype)
+        return self.llms[key]
+
+    def file_hash(self, path: Path) -> str:
+        st = path.stat()
+        key = (path, st.st_size, st.st_mtime_ns)
+        if key not in self.hashes:
+            self.hashes[key] = fingerprint([path])
+        return self.hashes[key]
+
+
+def load_llm(path: Path, device: torch.device, dtype: torch.dtype):
+    """AutoModelForCausalLM + AutoTokenizer from a local dir; any missing/unexpected/mismatched key fails."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"LLM directory {path} has no config.json (a transformers model dir is expected)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(path), local_files_only=True, dtype=dtype, output_loading_info=True)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for bad dirs
+        raise CheckpointError(f"cannot load the LLM from {path}: {exc}") from exc
+    problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if problems:
+        raise CheckpointError(f"LLM weights in {path} do not match its config: {problems}")
+    tokenizer.padding_side = "left"
+    return model.to(device).eval(), tokenizer
+
+
+@dataclass
+class CaptionOutput:
+    caption: str
+    token_ids: list[int]           # generated ids (EOS excluded); len() is the token count
+    score: float | None            # scorer's caption-video score (SigLIP probability)
+    text_emb: np.ndarray | None    # (E,) normalized, for the grounding metric
+    video_emb: np.ndarray | None   # (E,)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class CaptionStack:
+    name: str
+    directory: Path
+    config: CheckpointConfig
+    captioner: Captioner
+    scorer: Scorer | None
+    scorer_preprocess: FramePreprocessor | None   # None when the scorer shares the captioner's tower
+    fingerprint: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def projector_type(self) -> str:
+        return self.config.projector.type
+
+    @property
+    def frame_side(self) -> int:
+        """Longest side to decode frames at: twice the largest model input, so a 16:9 frame still
+        covers the centre crop, and a 4K upload never allocates full-size frames."""
+        sizes = [*self.captioner.encoder.preprocess.size]
+        if self.scorer_preprocess is not None:
+            sizes += [*self.scorer_preprocess.size]
+        return 2 * max(sizes)
+
+    def pixels(self, videos: list[np.ndarray], preprocess: nn.Module) -> torch.Tensor:
+        frames = torch.cat([frames_to_tensor(v) for v in videos]).to(self.device)   # (sum T, H, W, 3)
+        return preprocess(frames).to(self.dtype)                                   # (sum T, 3, S, S)
+
+    @torch.inference_mode()
+    def caption(self, videos: list[np.ndarray], max_new_tokens: list[int] | None = None,
+                generation: GenerationConfig | None = None, score: bool = True):
+        """Caption a batch of videos given as (T, H, W, 3) uint8 frame arrays.
+
+        Returns (outputs, seconds per stage {"encode", "generate", "score"}); the stages are for the
+        whole batch. Frame counts may differ between videos.
+        """
+        gen = generation or self.config.generation
+        counts = [int(v.shape[0]) for v in videos]
+        want_pooled = score and self.scorer is not None and self.scorer_preprocess is None
+        t0 = time.perf_counter()
+        pixels = self.pixels(videos, self.captioner.encoder.preprocess)
+        blocks = self.captioner.visual_tokens(pixels, counts, pooled=want_pooled)
+        blocks, image_emb = blocks if want_pooled else (blocks, None)
+        visual = self.captioner.project(blocks)
+        t1 = time.perf_counter()
+        generated = self.captioner.generate(visual, gen, max_new_tokens)
+        t2 = time.perf_counter()
+        scores = text_emb = video_emb = None
+        if score and self.scorer is not None:
+            if image_emb is None:
+                image_emb = self.scorer.image_features(self.pixels(videos, self.scorer_preprocess))
+            video_emb = self.scorer.video_embeddings(image_emb, counts)
+            text_emb = self.scorer.text_embeddings([g.text for g in generated])
+            scores = self.scorer.scores(text_emb, video_emb).cpu().tolist()
+            text_emb, video_emb = text_emb.cpu().numpy(), video_emb.cpu().numpy()
+        t3 = time.perf_counter()
+        outputs = [CaptionOutput(g.text, g.token_ids,
+                                 None if scores is None else float(scores[i]),
+                                 None if text_emb is None else text_emb[i],
+                                 None if video_emb is None else video_emb[i])
+                   for i, g in enumerate(generated)]
+        return outputs, {"encode": t1 - t0, "generate": t2 - t1, "score": t3 - t2}
+
+
+def resolve(directory: Path, relative: str, what: str) -> Path:
+    path = (directory / relative).resolve()
+    if not path.exists():
+        raise CheckpointError(f"{directory / MANIFEST_NAME}: {what} path {relative!r} does not exist ({path})")
+    return path
+
+
+def load_projector(config: CheckpointConfig, path: Path, vision_dim: int, llm_dim: int) -> nn.Module:
+    try:
+        projector = build_projector(config.projector.type, vision_dim, llm_dim, **config.projector.options)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"projector: {exc}") from exc
+    state = read_state_dict(path)
+    if path.suffix != ".safetensors":  # LLaVA's mm_projector.bin and friends
+        state = strip_llava_prefix(state)
+    load_strict(projector, state, str(path))
+    return projector
+
+
+def load_stack(directory: str | Path, device: str = "auto", cache: ComponentCache | None = None,
+               with_scorer: bool = True, name: str | None = None) -> CaptionStack:
+    directory = Path(directory).resolve()
+    config = CheckpointConfig.load(directory)
+    cache = cache or ComponentCache()
+    dev = pick_device(device)
+    dtype = pick_dtype(config.llm.dtype, dev)
+
+    vision_path = resolve(directory, config.vision.path, "vision")
+    clip_model, preprocess_cfg = cache.clip_model(vision_path, dev, dtype)
+    encoder = VisionEncoder(clip_model.visual, preprocess_cfg, config.vision.select_layer,
+                            config.vision.select_feature).to(dev)
+    llm_path = resolve(directory, config.llm.path, "llm")
+    llm, tokenizer = cache.llm(llm_path, dev, dtype)
+    projector_path = resolve(directory, config.projector.weights, "projector weights")
+    projector = load_projector(config, projector_path, encoder.width, llm.get_input_embeddings().embedding_dim)
+    captioner = Captioner(encoder, projector.to(device=dev, dtype=dtype).eval(), llm, tokenizer, config.prompt)
+    captioner.prefix_ids, captioner.suffix_ids = captioner.prefix_ids.to(dev), captioner.suffix_ids.to(dev)
+
+    files = [*_clip_weights(vision_path), projector_path, *weight_files(llm_path)]
+    scorer = scorer_preprocess = None
+    if with_scorer and config.scorer is not None:
+        scorer_path = resolve(directory, config.scorer.path, "scorer")
+        tok_dir = resolve(directory, config.scorer.tokenizer, "scorer tokenizer") if config.scorer.tokenizer else None
+        scorer_model, scorer_cfg = cache.clip_model(scorer_path, dev, dtype)
+        scorer = Scorer(scorer_model, load_tokenizer(scorer_path, tok_dir, scorer_model.context_length))
+        if scorer_model.visual is not clip_model.visual:
+            scorer_preprocess = FramePreprocessor(scorer_cfg).to(dev)
+        files += _clip_weights(scorer_path)
+    digest = _combined(cache, files)
+    log.info("loaded checkpoint %s (%s projector, %s, %s) fingerprint %s", directory.name,
+             config.projector.type, dev, dtype, digest[:12])
+    return CaptionStack(name or config.name or directory.name, directory, config, captioner, scorer,
+                        scorer_preprocess, digest, dev, dtype)
+
+
+def _clip_weights(path: Path) -> list[Path]:
+    return [p for p in weight_files(path) if p.name.startswith("open_clip")]
+
+
+def _combined(cache: ComponentCache, files: list[Path]) -> str:
+    """Fingerprint of the stack: sha256 over the per-file sha256s, in component order."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(cache.file_hash(path).encode())
+    return digest.hexdigest()

@@ -1,0 +1,206 @@
+"""The captioning core: checkpoint round trips, strict loading, LLaVA import, batching, scoring."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from models.captioner import IGNORE_INDEX
+from models.components import init_checkpoint
+from models.config import CheckpointConfig, CheckpointError
+from models.projector import build_projector
+from models.stack import ComponentCache, load_stack
+from models.weights import read_state_dict, save_state_dict
+
+PROJECTORS = ["linear", "mlp2x_gelu", "c-abstractor"]
+
+
+@pytest.fixture(scope="session")
+def stacks(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stacks")
+    return {p: init_checkpoint(root / p, p, seed=1) for p in PROJECTORS}
+
+
+def sensitize(stack, seed: int = 0):
+    """Random-init LLMs ignore their input (std 0.02 weights): widen the weights so each video
+    yields its own tokens, making comparisons between code paths meaningful."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in stack.captioner.projector.parameters():
+            p.normal_(0, 0.3)
+        for p in stack.captioner.llm.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    return stack
+
+
+def flat_videos(levels, frames: int = 8) -> list[np.ndarray]:
+    return [np.full((frames, 40, 56, 3), level, dtype=np.uint8) for level in levels]
+
+
+def videos(n: int, frames: int = 8, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (frames, 40, 56, 3), dtype=np.uint8) for _ in range(n)]
+
+
+@pytest.mark.parametrize("projector", PROJECTORS)
+def test_save_load_round_trip_gives_identical_outputs(stacks, projector, tmp_path):
+    a = load_stack(stacks[projector])
+    copy = tmp_path / "copy"
+    shutil.copytree(stacks[projector], copy)
+    b = load_stack(copy)
+    assert a.fingerprint == b.fingerprint          # renaming a checkpoint keeps its fingerprint
+    clips = videos(2)
+    out_a, _ = a.caption(clips, max_new_tokens=[12, 12])
+    out_b, _ = b.caption(clips, max_new_tokens=[12, 12])
+    assert [o.token_ids for o in out_a] == [o.token_ids for o in out_b]
+    assert [o.caption for o in out_a] == [o.caption for o in out_b]
+    np.testing.assert_allclose([o.score for o in out_a], [o.score for o in out_b], rtol=1e-6)
+    assert all(0.0 <= o.score <= 1.0 for o in out_a)
+
+
+def test_fingerprint_changes_with_any_weight(stacks, tmp_path):
+    copy = tmp_path / "changed"
+    shutil.copytree(stacks["linear"], copy)
+    state = read_state_dict(copy / "projector.safetensors")
+    state["bias"] = state["bias"] + 1e-3
+    save_state_dict(state, copy / "projector.safetensors")
+    assert load_stack(copy).fingerprint != load_stack(stacks["linear"]).fingerprint
+
+
+def test_shared_components_are_loaded_once(stacks, tmp_path):
+    cache = ComponentCache()
+    epoch = tmp_path / "epoch2"
+    epoch.mkdir()
+    shutil.copy(stacks["linear"] / "projector.safetensors", epoch)
+    config = CheckpointConfig.load(stacks["linear"])
+    config.vision.path = config.llm.path = str(stacks["linear"] / "siglip")
+    config.llm.path = str(stacks["linear"] / "llm")
+    config.scorer.path = config.scorer.tokenizer = str(stacks["linear"] / "siglip")
+    config.save(epoch)
+    a = load_stack(stacks["linear"], cache=cache)
+    b = load_stack(epoch, cache=cache)
+    assert a.captioner.llm is b.captioner.llm
+    assert a.captioner.encoder.visual is b.captioner.encoder.visual
+    assert a.scorer_preprocess is None  # the scorer reuses the captioner's forward pass
+
+
+def test_strict_loading_names_the_problem(stacks, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(stacks["mlp2x_gelu"], bad)
+    state = read_state_dict(bad / "projector.safetensors")
+    state["2.weight"] = state["2.weight"][:-1]        # shape mismatch
+    del state["0.bias"]                                # missing
+    state["extra.weight"] = torch.zeros(1)            # unexpected
+    save_state_dict(state, bad / "projector.safetensors")
+    with pytest.raises(CheckpointError) as err:
+        load_stack(bad)
+    msg = str(err.value)
+    assert "0.bias" in msg and "extra.weight" in msg and "2.weight" in msg and "shape mismatch" in msg
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda c: c.update(schema_version=99), "schema_version"),
+    (lambda c: c["projector"].update(type="perceiver"), "unknown projector type"),
+    (lambda c: c.update(promt="typo"), "unknown keys"),
+    (lambda c: c.update(prompt="no placeholder"), "<video>"),
+    (lambda c: c["llm"].update(path="../nowhere"), "does not exist"),
+    (lambda c: c.pop("vision"), "missing required section 'vision'"),
+])
+def test_bad_manifests_fail_clearly(stacks, tmp_path, edit, needle):
+    bad = tmp_path / "bad"
+    shutil.copytree(stacks["linear"], bad)
+    manifest = json.loads((bad / "capguard.json").read_text())
+    edit(manifest)
+    (bad / "capguard.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=needle.replace("(", r"\(")):
+        load_stack(bad)
+
+
+def test_missing_manifest(tmp_path):
+    with pytest.raises(CheckpointError, match="capguard.json is missing"):
+        load_stack(tmp_path)
+
+
+def test_llava_mm_projector_bin_loads(stacks, tmp_path):
+    """A LLaVA-1.5 mm_projector.bin (keys model.mm_projector.0.weight ...) drops in as the projector."""
+    llava = tmp_path / "llava"
+    shutil.copytree(stacks["mlp2x_gelu"], llava)
+    ours = read_state_dict(llava / "projector.safetensors")
+    torch.manual_seed(3)
+    theirs = {f"model.mm_projector.{k}": torch.randn_like(v) for k, v in ours.items()}
+    torch.save(theirs, llava / "mm_projector.bin")
+    manifest = json.loads((llava / "capguard.json").read_text())
+    manifest["projector"]["weights"] = "mm_projector.bin"
+    (llava / "capguard.json").write_text(json.dumps(manifest))
+    stack = load_stack(llava)
+    loaded = stack.captioner.projector.state_dict()
+    for key, value in theirs.items():
+        torch.testing.assert_close(loaded[key.removeprefix("model.mm_projector.")], value)
+
+
+def test_projector_builder():
+    x = torch.randn(2, 3 * 16, 32)                     # (B, T*N, D_vision)
+    assert build_projector("linear", 32, 48)(x).shape == (2, 48, 48)
+    assert build_projector("mlp2x_gelu", 32, 48)(x).shape == (2, 48, 48)
+    cabs = build_projector("c-abstractor", 32, 48, num_queries=5, num_heads=4)
+    assert cabs(x).shape == (2, 5, 48)                 # compression: any T*N -> num_queries
+    assert cabs(torch.randn(2, 7, 32)).shape == (2, 5, 48)
+    with pytest.raises(ValueError, match="unknown projector type"):
+        build_projector("qformer", 32, 48)
+    with pytest.raises(ValueError, match="takes no options"):
+        build_projector("linear", 32, 48, num_queries=4)
+
+
+@pytest.mark.parametrize("projector", PROJECTORS)
+def test_batched_generation_equals_one_by_one(stacks, projector):
+    """Left padding must not change any caption: mixed frame counts force padding for linear/MLP."""
+    stack = sensitize(load_stack(stacks[projector], with_scorer=False))
+    clips = flat_videos([0, 180]) + flat_videos([250], frames=3)
+    batched, _ = stack.caption(clips, max_new_tokens=[10, 6, 10])
+    single = [stack.caption([c], max_new_tokens=[n])[0][0] for c, n in zip(clips, [10, 6, 10], strict=True)]
+    assert [o.token_ids for o in batched] == [o.token_ids for o in single]
+    assert [o.caption for o in batched] == [o.caption for o in single]
+    assert len({tuple(o.token_ids) for o in batched}) > 1   # the videos really differ
+    assert batched[1].num_tokens <= 6
+
+
+def test_training_inputs_label_only_the_caption(stacks):
+    stack = load_stack(stacks["linear"], with_scorer=False)
+    cap = stack.captioner
+    blocks = cap.visual_tokens(stack.pixels(videos(2, frames=2), cap.encoder.preprocess), [2, 2])
+    visual = cap.project(blocks)
+    targets = [[10, 11, 12], [13]]
+    embeds, mask, positions, labels = cap.build_inputs(visual, targets)
+    assert embeds.shape[:2] == mask.shape == labels.shape
+    assert labels[0][labels[0] != IGNORE_INDEX].tolist() == [10, 11, 12, cap.eos_id]
+    assert labels[1][labels[1] != IGNORE_INDEX].tolist() == [13, cap.eos_id]
+    assert mask[1, :2].tolist() == [0, 0] and positions[1, mask[1].argmax()].item() == 0   # left padded
+    loss = cap.loss(visual, targets)
+    loss.backward()
+    assert torch.isfinite(loss) and cap.projector.weight.grad is not None
+
+
+def test_scorer_prefers_the_caption_that_matches(stacks):
+    """Scores are monotone in similarity: the caption whose embedding is the video's wins."""
+    stack = load_stack(stacks["linear"])
+    scorer = stack.scorer
+    texts = scorer.text_embeddings(["회색 건물", "a red hanok at night"])
+    video = texts[1:2].repeat(2, 1)                    # a video that looks like caption 1
+    scores = scorer.scores(texts, video)
+    assert scores[1] > scores[0]
+    assert scorer.logits(texts, texts).argmax(1).tolist() == [0, 1]
+
+
+def test_importing_models_loads_no_web_stack():
+    code = ("import sys, models.stack, models.captioner, models.components, models.encoder, models.scorer; "
+            "bad = [m for m in ('fastapi', 'prometheus_client', 'server', 'uvicorn') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
