@@ -1,0 +1,208 @@
+"""The ``capguard`` command line: serve, caption, evaluate, train, make-videos, init-checkpoint.
+
+Each subcommand imports what it needs when it runs, so ``capguard caption`` never loads the web
+stack and ``capguard --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")           # never reach for a hub (open_clip tokenizers try)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CHECKPOINT = REPO_ROOT / "checkpoints" / "demo"
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("models", "server"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from models.stack import load_stack
+    from models.video import VideoError, VideoLimits, sample_frames
+
+    stack = load_stack(args.checkpoint, device=args.device, with_scorer=not args.no_score)
+    num_frames = args.num_frames or stack.config.num_frames
+    failures = 0
+    for start in range(0, len(args.videos), args.batch_size):
+        paths, frames, metas = [], [], []
+        for path in args.videos[start:start + args.batch_size]:
+            try:
+                sampled = sample_frames(path, num_frames, VideoLimits(), max_side=stack.frame_side)
+            except (VideoError, OSError) as exc:
+                failures += 1
+                print(json.dumps({"video": path, "error": {"code": getattr(exc, "code", "io_error"),
+                                                           "message": str(exc)}}, ensure_ascii=False))
+                continue
+            paths.append(path)
+            frames.append(sampled.frames)
+            metas.append(sampled)
+        if not frames:
+            continue
+        outputs, stages = stack.caption(frames, max_new_tokens=[args.max_new_tokens] * len(frames)
+                                        if args.max_new_tokens else None)
+        for path, sampled, out in zip(paths, metas, outputs, strict=True):
+            record = {
+                "video": path, "caption": out.caption, "checkpoint": stack.name, "fingerprint": stack.fingerprint,
+                "frames": {"count": len(sampled.indices), "indices": sampled.indices,
+                           "timestamps_s": [round(t, 4) for t in sampled.timestamps_s], "backend": sampled.backend},
+                "scores": {"siglip": out.score},
+                "timings_ms": {k: round(v * 1000 / len(frames), 2) for k, v in stages.items()},
+            }
+            print(json.dumps(record, ensure_ascii=False), flush=True)
+    return 1 if failures else 0
+
+
+def cmd_init_checkpoint(args: argparse.Namespace) -> int:
+    from models.components import init_checkpoint
+
+    options = json.loads(args.options) if args.options else None
+    path = init_checkpoint(args.directory, args.projector, options=options, seed=args.seed)
+    print(json.dumps({"checkpoint": str(path), "projector": args.projector}))
+    return 0
+
+
+def cmd_make_videos(args: argparse.Namespace) -> int:
+    from models.synth import make_dataset
+
+    manifests = make_dataset(args.out, n_train=args.train, n_val=args.val, seed=args.seed,
+                             size=args.size, seconds=args.seconds, fps=args.fps)
+    print(json.dumps({k: str(v) for k, v in manifests.items()}))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from models.train import TrainConfig, run
+
+    cfg = TrainConfig(data=args.data, out=args.out, run=args.run or args.projector, lang=args.lang,
+                      projector=args.projector, projector_options=json.loads(args.options or "{}"),
+                      seed=args.seed, reuse_shared=not args.fresh, limit_train=args.limit_train,
+                      limit_val=args.limit_val, threads=args.threads)
+    for name in ("siglip_epochs", "lm_epochs", "stage1_epochs", "stage2_epochs", "stage1_lr", "stage2_lr",
+                 "batch_size", "patience", "weight_decay"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(cfg, name, value)
+    history = run(cfg)
+    for h in history:
+        print(json.dumps({"epoch": h.epoch, "stage": h.stage, "val_loss": round(h.val_loss, 4),
+                          "unique": f"{h.report['unique']}/{h.report['n']}",
+                          "diversity": round(h.report["unique_ratio"], 3), "siglip": round(h.siglip_mean, 3),
+                          "attribute_accuracy": h.attribute_accuracy, "tripped": h.tripped,
+                          "top_mode": h.report["modes"][0]["representative"] if h.report["modes"] else None,
+                          "checkpoint": h.checkpoint}, ensure_ascii=False))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from models.config import MANIFEST_NAME
+    from server.settings import Settings
+
+    settings = Settings()
+    if args.checkpoint:
+        # a name under checkpoints_root ("runs/epoch-3") or a checkpoint directory anywhere
+        path = Path(args.checkpoint).expanduser().resolve()
+        root = settings.checkpoints_root.resolve()
+        if not (path / MANIFEST_NAME).is_file():
+            settings = Settings(default_checkpoint=args.checkpoint)
+        elif path.is_relative_to(root) and len(path.relative_to(root).parts) <= 2:
+            settings = Settings(default_checkpoint=path.relative_to(root).as_posix())
+        else:   # outside the root: serve its parent directory
+            settings = Settings(checkpoints_root=path.parent, default_checkpoint=path.name)
+    checkpoint_dir = settings.checkpoints_root / settings.default_checkpoint
+    if not (checkpoint_dir / MANIFEST_NAME).is_file():
+        raise FileNotFoundError(f"no checkpoint at {checkpoint_dir} ({MANIFEST_NAME} missing); pass --checkpoint "
+                                "DIR, or write one with `capguard init-checkpoint DIR` or `capguard train`")
+    import uvicorn
+
+    from server.app import create_app
+
+    uvicorn.run(create_app(settings), host=args.host, port=args.port,
+                log_level="debug" if args.verbose else "info")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="capguard", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the HTTP API (settings: CAPGUARD_* environment variables)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--checkpoint", help="checkpoint name under checkpoints_root, or a checkpoint directory "
+                                        "(default: CAPGUARD_DEFAULT_CHECKPOINT, else checkpoints/demo)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("caption", help="caption videos; one JSON line per video")
+    p.add_argument("videos", nargs="+")
+    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    p.add_argument("--num-frames", type=int, default=None, help="default: the checkpoint's num_frames")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-score", action="store_true", help="skip the scorer")
+    p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("init-checkpoint", help="write a tiny random-init stack (tests, wiring your own parts)")
+    p.add_argument("directory")
+    p.add_argument("--projector", default="mlp2x_gelu", choices=["linear", "mlp2x_gelu", "c-abstractor"])
+    p.add_argument("--options", help='projector options as JSON, e.g. \'{"num_queries": 16}\'')
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_init_checkpoint)
+
+    p = sub.add_parser("make-videos", help="render the synthetic building videos + JSONL manifests")
+    p.add_argument("--out", required=True)
+    p.add_argument("--train", type=int, default=865)
+    p.add_argument("--val", type=int, default=97)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--seconds", type=float, default=2.0)
+    p.add_argument("--fps", type=int, default=8)
+    p.set_defaults(func=cmd_make_videos)
+
+    p = sub.add_parser("train", help="train encoder/scorer, LM and a captioner on a make-videos data set")
+    p.add_argument("--data", required=True, help="dir with train.jsonl and val.jsonl")
+    p.add_argument("--out", required=True, help="output root: shared/ components and <run>/epoch-N checkpoints")
+    p.add_argument("--run", help="run name (default: the projector type)")
+    p.add_argument("--projector", default="mlp2x_gelu", choices=["linear", "mlp2x_gelu", "c-abstractor"])
+    p.add_argument("--options", help="projector options as JSON")
+    p.add_argument("--lang", default="ko", choices=["ko", "en"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fresh", action="store_true", help="retrain the shared encoder/scorer and LM even if present")
+    p.add_argument("--limit-train", type=int)
+    p.add_argument("--limit-val", type=int)
+    p.add_argument("--threads", type=int)
+    for name, typ in (("siglip_epochs", int), ("lm_epochs", int), ("stage1_epochs", int), ("stage2_epochs", int),
+                      ("stage1_lr", float), ("stage2_lr", float), ("batch_size", int), ("patience", int),
+                      ("weight_decay", float)):
+        p.add_argument("--" + name.replace("_", "-"), type=typ, dest=name)
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except Exception as exc:  # noqa: BLE001 - one clear line for the user, the trace with -v
+        from models.config import CheckpointError
+
+        if isinstance(exc, (CheckpointError, FileNotFoundError)) and not args.verbose:
+            print(f"capguard {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
