@@ -175,3 +175,33 @@ def init_checkpoint(out_dir: str | Path, projector_type: str = "mlp2x_gelu", siz
     return write_checkpoint(out_dir, projector, projector_type, "siglip", "llm",
                             scorer=ScorerConfig(path="siglip", tokenizer="siglip"), options=options,
                             info={"made_by": "capguard init-checkpoint", "seed": seed})
+
+
+def copy_checkpoint(src: str | Path, dst: str | Path, name: str | None = None) -> Path:
+    """Copy a checkpoint dir elsewhere, rewriting component paths so they still reach the same files.
+
+    Components inside ``src`` (e.g. a stage-2 ``llm/``) are copied along; shared ones stay where they are
+    and are referenced by a new relative path. Example: runs/demo-mlp/epoch-7 -> checkpoints/demo, whose
+    ``"../../shared/siglip"`` becomes ``"../shared/siglip"`` when shared/ sits beside it.
+    """
+    import shutil
+
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    config = CheckpointConfig.load(src)
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+
+    def moved(relative: str) -> str:
+        target = (src / relative).resolve()
+        if target.is_relative_to(src):
+            return relative
+        return os.path.relpath(target, dst)
+
+    config.vision.path = moved(config.vision.path)
+    config.llm.path = moved(config.llm.path)
+    if config.scorer is not None:
+        config.scorer.path = moved(config.scorer.path)
+        if config.scorer.tokenizer:
+            config.scorer.tokenizer = moved(config.scorer.tokenizer)
+    config.name = name or dst.name
+    config.save(dst)
+    return dst

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -204,3 +205,21 @@ def test_importing_models_loads_no_web_stack():
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_copy_checkpoint_keeps_shared_components_reachable(stacks, tmp_path):
+    from models.components import copy_checkpoint
+
+    shared = stacks["linear"]
+    epoch = tmp_path / "runs" / "linear" / "epoch-1"
+    epoch.mkdir(parents=True)
+    shutil.copy(shared / "projector.safetensors", epoch)
+    config = CheckpointConfig.load(shared)
+    for section in (config.vision, config.llm):
+        section.path = os.path.relpath(shared / section.path, epoch)
+    config.scorer.path = config.scorer.tokenizer = os.path.relpath(shared / "siglip", epoch)
+    config.save(epoch)
+    demo = copy_checkpoint(epoch, tmp_path / "checkpoints" / "demo")
+    copied = CheckpointConfig.load(demo)
+    assert copied.name == "demo" and copied.vision.path != config.vision.path
+    assert load_stack(demo).fingerprint == load_stack(epoch).fingerprint
