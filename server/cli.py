@@ -103,6 +103,43 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from models.evaluate import evaluate, load_dataset, watch
+
+    if not args.watch and (args.once or args.max_checkpoints is not None):
+        print("capguard evaluate: error: --once and --max-checkpoints only apply to --watch DIR", file=sys.stderr)
+        return 2
+    try:
+        dataset = load_dataset(args.videos, args.references, args.limit)
+    except ValueError as exc:   # a bad manifest or an empty directory: one line, no trace
+        print(f"capguard evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    options = {"num_frames": args.num_frames, "batch_size": args.batch_size, "device": args.device,
+               "max_new_tokens": args.max_new_tokens}
+    try:
+        if args.watch:
+            report = watch(args.watch, dataset, args.out, interval=args.interval, once=args.once,
+                           max_checkpoints=args.max_checkpoints, **options)
+        else:
+            report = evaluate(args.checkpoints, dataset, args.out, **options)
+    except KeyboardInterrupt:
+        print(f"capguard evaluate: stopped; the report in {args.out} has every checkpoint finished so far",
+              file=sys.stderr)
+        return 130
+    for row in report["checkpoints"]:
+        print(json.dumps({"checkpoint": row["name"], "unique": f"{row['unique']}/{row['n']}",
+                          "diversity": row["diversity"], "siglip": row["siglip_mean"],
+                          "near_unique": row["near_unique"], "top_mode_share": row["top_mode_share"],
+                          "grounding_r1": row["grounding_r1"], "status": row["status"], "tripped": row["tripped"],
+                          "top_mode": row["top_mode"]}, ensure_ascii=False))
+    for warning in report["warnings"]:
+        print(f"warning: {warning['message']}", file=sys.stderr)
+    out = Path(args.out)
+    print(json.dumps({"report": str(out / "report.json"), "html": str(out / "report.html"),
+                      "captions": str(out / "captions.jsonl")}))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from models.config import MANIFEST_NAME
     from server.settings import Settings
@@ -169,6 +206,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=2.0)
     p.add_argument("--fps", type=int, default=8)
     p.set_defaults(func=cmd_make_videos)
+
+    p = sub.add_parser("evaluate", help="caption a data set with several checkpoints; report.json/html per run")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoints", nargs="+", help="checkpoint directories, in the order of the report")
+    which.add_argument("--watch", metavar="DIR", help="evaluate each new checkpoint a training run writes under DIR")
+    p.add_argument("--videos", required=True, help="a JSONL manifest (capguard make-videos) or a directory of videos")
+    p.add_argument("--references", default="auto", choices=["auto", "ko", "en", "none"],
+                   help="reference captions from the manifest (auto: caption_ko, else caption_en)")
+    p.add_argument("--out", required=True, help="output dir: report.json, report.html, captions.jsonl")
+    p.add_argument("--num-frames", type=int, default=None, help="default: each checkpoint's num_frames")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: each checkpoint's own")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=int, help="evaluate the first N videos only")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--interval", type=float, default=30.0, help="--watch: seconds between polls")
+    p.add_argument("--max-checkpoints", type=int, help="--watch: stop after N new checkpoints")
+    p.add_argument("--once", action="store_true", help="--watch: evaluate what is complete now (two polls), then stop")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("train", help="train encoder/scorer, LM and a captioner on a make-videos data set")
     p.add_argument("--data", required=True, help="dir with train.jsonl and val.jsonl")

@@ -1,0 +1,99 @@
+"""Every Prometheus metric of the server, on a registry made per app (tests never share state).
+
+| name                                        | type      | labels           | what                              |
+|---------------------------------------------|-----------|------------------|-----------------------------------|
+| capguard_requests_total                     | counter   | endpoint, status | answered requests (route template)|
+| capguard_request_duration_seconds           | histogram | endpoint         | request wall time                 |
+| capguard_captions_total                     | counter   | checkpoint       | captions served                   |
+| capguard_generated_tokens_total             | counter   | checkpoint       | tokens generated (EOS excluded)   |
+| capguard_guard_trips_total                  | counter   | checkpoint, rule | guard rules that tripped          |
+| capguard_stage_duration_seconds             | histogram | stage            | decode per video; encode, generate, score per batch |
+| capguard_siglip_score                       | histogram | checkpoint       | scorer probability (0-1)          |
+| capguard_batch_size                         | histogram |                  | videos per model call             |
+| capguard_window_captions                    | gauge     | checkpoint       | captions in the guard window      |
+| capguard_window_unique_ratio                | gauge     | checkpoint       | 0-1                               |
+| capguard_window_near_unique_ratio           | gauge     | checkpoint       | 0-1                               |
+| capguard_window_top_mode_share              | gauge     | checkpoint       | 0-1                               |
+| capguard_window_repeat_probability          | gauge     | checkpoint       | 0-1                               |
+| capguard_window_siglip_mean                 | gauge     | checkpoint       | 0-1                               |
+| capguard_window_grounding_r1                | gauge     | checkpoint       | 0-1                               |
+| capguard_collapse_flag                      | gauge     | checkpoint       | 1 while the guard says collapsed  |
+| capguard_queue_depth                        | gauge     |                  | requests waiting for the model    |
+| capguard_decoder_restarts_total             | counter   | reason           | decoder processes replaced        |
+
+Window gauges with no value yet (e.g. grounding without a scorer) read NaN, which no alert
+comparison matches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+SCORE_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+
+# GuardState attribute -> gauge name (without the capguard_ prefix)
+WINDOW_GAUGES = {
+    "window_captions": "window_captions",
+    "unique_ratio": "window_unique_ratio",
+    "near_unique_ratio": "window_near_unique_ratio",
+    "top_mode_share": "window_top_mode_share",
+    "repeat_probability": "window_repeat_probability",
+    "siglip_mean": "window_siglip_mean",
+    "grounding_r1": "window_grounding_r1",
+}
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = r = registry or CollectorRegistry()
+        self.requests = Counter("capguard_requests", "Answered HTTP requests", ["endpoint", "status"], registry=r)
+        self.request_seconds = Histogram("capguard_request_duration_seconds", "HTTP request wall time",
+                                         ["endpoint"], buckets=REQUEST_BUCKETS, registry=r)
+        self.captions = Counter("capguard_captions", "Captions served", ["checkpoint"], registry=r)
+        self.tokens = Counter("capguard_generated_tokens", "Tokens generated", ["checkpoint"], registry=r)
+        self.trips = Counter("capguard_guard_trips", "Guard rules that tripped", ["checkpoint", "rule"], registry=r)
+        self.stage_seconds = Histogram("capguard_stage_duration_seconds",
+                                       "Pipeline stage time: decode per video, model stages per batch",
+                                       ["stage"], buckets=STAGE_BUCKETS, registry=r)
+        self.siglip = Histogram("capguard_siglip_score", "Scorer caption-video probability", ["checkpoint"],
+                                buckets=SCORE_BUCKETS, registry=r)
+        self.batch_size = Histogram("capguard_batch_size", "Videos per model call", buckets=BATCH_BUCKETS,
+                                    registry=r)
+        self.window = {attr: Gauge(f"capguard_{name}", f"Guard window: {name.removeprefix('window_')}",
+                                   ["checkpoint"], registry=r)
+                       for attr, name in WINDOW_GAUGES.items()}
+        self.collapse_flag = Gauge("capguard_collapse_flag", "1 while the guard flags the checkpoint collapsed",
+                                   ["checkpoint"], registry=r)
+        self.queue_depth = Gauge("capguard_queue_depth", "Requests waiting for the model", registry=r)
+        self.decoder_restarts = Counter("capguard_decoder_restarts", "Decoder processes replaced",
+                                        ["reason"], registry=r)
+
+    def track_queue(self, depth: Callable[[], float]) -> None:
+        """Read the queue depth at scrape time."""
+        self.queue_depth.set_function(depth)
+
+    def observe_guard(self, checkpoint: str, state, count_trips: bool = True) -> None:
+        """Set the window gauges from a GuardState; count the rules that tripped on this observe
+        (count_trips=False for a state that was read, not observed, e.g. after a restore)."""
+        for attr, gauge in self.window.items():
+            value = getattr(state, attr, None)
+            gauge.labels(checkpoint).set(math.nan if value is None else float(value))
+        self.collapse_flag.labels(checkpoint).set(1.0 if state.status == "collapsed" else 0.0)
+        for rule in (getattr(state, "newly_tripped", None) or ()) if count_trips else ():
+            self.trips.labels(checkpoint, rule).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,8 @@
+"""One APIRouter per feature; ``upload`` is the streaming multipart reader /caption uses."""
+
+from server.routes.caption import router as caption_router
+from server.routes.checkpoints import router as checkpoints_router
+from server.routes.health import router as health_router
+from server.routes.metrics import router as metrics_router
+
+__all__ = ["caption_router", "checkpoints_router", "health_router", "metrics_router"]

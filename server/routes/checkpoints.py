@@ -1,0 +1,40 @@
+"""List the servable checkpoints; switch the active one (admin)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from models.config import CheckpointConfig, CheckpointError
+from server.deps import Admin, AppState, State
+from server.schemas import CheckpointInfo, CheckpointList, error_responses
+
+router = APIRouter(tags=["checkpoints"])
+
+
+def describe(state: AppState, name: str) -> CheckpointInfo:
+    checkpoints = state.checkpoints
+    stack = checkpoints.loaded(name)
+    projector_type, error = (stack.projector_type, None) if stack is not None else (None, None)
+    if stack is None:
+        try:
+            projector_type = CheckpointConfig.load(checkpoints.path(name)).projector.type
+        except CheckpointError as exc:
+            error = str(exc)
+    return CheckpointInfo(
+        name=name, fingerprint=stack.fingerprint if stack else None, projector_type=projector_type,
+        loaded=stack is not None, active=name == checkpoints.active, default=name == checkpoints.default,
+        guard_status=state.guards.get(name).state().status if stack else None, error=error)
+
+
+@router.get("/checkpoints", response_model=CheckpointList)
+def list_checkpoints(state: State) -> CheckpointList:
+    """Every directory under checkpoints_root (1-2 levels) that holds a capguard.json."""
+    return CheckpointList(checkpoints=[describe(state, name) for name in state.checkpoints.names()])
+
+
+@router.post("/checkpoints/{name:path}/activate", response_model=CheckpointInfo, dependencies=[Admin],
+             responses=error_responses(401, 404, 422))
+async def activate(name: str, state: State) -> CheckpointInfo:
+    """Load `name` if needed and serve it to requests that name no checkpoint."""
+    await state.checkpoints.activate(name)
+    return describe(state, name)

@@ -1,0 +1,104 @@
+"""Every request and response body of the HTTP API (DESIGN.md "HTTP API"), in one place."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MAX_NUM_FRAMES = 64       # frames per video a client may ask for: bounds decode and encode cost
+MAX_NEW_TOKENS = 256      # tokens per caption a client may ask for: bounds generation time
+
+
+class CaptionOptions(BaseModel):
+    """The optional text fields of POST /caption (the file field is handled by the upload parser)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: str | None = Field(None, min_length=1, max_length=200)   # None: the active checkpoint
+    num_frames: int | None = Field(None, ge=1, le=MAX_NUM_FRAMES)       # None: the checkpoint's num_frames
+    max_new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)   # None: the checkpoint's default
+
+    @classmethod
+    def from_form(cls, fields: dict[str, str]) -> CaptionOptions:
+        """Validate form strings; empty fields count as absent. Raises RequestValidationError (-> 422).
+
+        Example: {"num_frames": "8", "checkpoint": ""} -> CaptionOptions(checkpoint=None, num_frames=8).
+        """
+        try:
+            return cls.model_validate({k: v for k, v in fields.items() if v != ""})
+        except ValidationError as exc:
+            raise RequestValidationError([{**err, "loc": ("body", *err["loc"])}
+                                          for err in exc.errors(include_url=False)]) from None
+
+
+class FramesInfo(BaseModel):
+    count: int
+    indices: list[int]          # frame index of each sampled frame, presentation order
+    timestamps_s: list[float]   # seconds from the first frame
+
+
+class Scores(BaseModel):
+    siglip: float | None        # scorer probability that the caption matches the video; None without a scorer
+
+
+class Timings(BaseModel):
+    """Milliseconds. decode: in the decoder process; encode/generate/score: the batch this video was in;
+    total: the whole request, upload and queueing included."""
+
+    decode: float
+    encode: float
+    generate: float
+    score: float
+    total: float
+
+
+class CaptionResponse(BaseModel):
+    caption: str
+    checkpoint: str             # the checkpoint that wrote it (the fallback one under collapse_policy=fallback)
+    fingerprint: str            # sha256 of its weights
+    video_sha256: str
+    frames: FramesInfo
+    scores: Scores
+    guard: dict[str, Any]       # server.guard GuardState.to_dict(): status, window figures, tripped rules
+    timings_ms: Timings
+
+
+class CheckpointInfo(BaseModel):
+    name: str                   # path under checkpoints_root, e.g. "demo" or "runs/epoch-3"
+    fingerprint: str | None     # None until loaded (hashing weights costs a read of every file)
+    projector_type: str | None  # None when capguard.json cannot be read (see error)
+    loaded: bool
+    active: bool                # serves requests that name no checkpoint
+    default: bool
+    guard_status: str | None    # warming_up | ok | collapsed; None until loaded
+    error: str | None = None    # why the checkpoint cannot be read or loaded
+
+
+class CheckpointList(BaseModel):
+    checkpoints: list[CheckpointInfo]
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Ready(BaseModel):
+    status: str
+    checkpoint: str
+    fingerprint: str
+
+
+class ErrorBody(BaseModel):
+    code: str                   # stable, machine-readable
+    message: str                # what was wrong and what to do
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries for the error statuses a route can answer."""
+    return {status: {"model": ErrorResponse} for status in statuses}

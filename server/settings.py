@@ -1,0 +1,77 @@
+"""Server settings: one pydantic-settings class, read from ``CAPGUARD_*`` environment variables.
+
+    CAPGUARD_DEFAULT_CHECKPOINT=runs/epoch-3 CAPGUARD_ADMIN_TOKEN=s3cret capguard serve
+
+Tests build ``Settings(...)`` directly and pass it to ``create_app``. Sizes are bytes, times seconds
+unless the name says otherwise (``max_wait_ms``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CAPGUARD_", extra="forbid")
+
+    # --- checkpoints
+    checkpoints_root: Path = REPO_ROOT / "checkpoints"  # dirs holding capguard.json (1-2 levels down) are servable
+    default_checkpoint: str = "demo"         # name under checkpoints_root; loaded at start, serves by default
+    device: str = "auto"                     # "auto" (cuda if present), "cpu", "cuda:1", ...
+
+    # --- storage
+    data_dir: Path = Path("data")            # capguard.db (caption log) and tmp/ (uploads in flight)
+
+    # --- upload and decode limits (a bad upload must cost little and harm no one else)
+    max_upload_bytes: int = Field(512 * 2**20, ge=1)   # enforced while the body streams in (413)
+    max_pixels: int = Field(3840 * 2160, ge=1)         # width * height from the header: 4K at most
+    max_duration_s: float = Field(600.0, gt=0)         # longer videos are refused before decoding
+    max_frames: int = Field(100_000, ge=1)             # frames declared or counted (a tiny file can claim millions)
+    decode_workers: int = Field(2, ge=1)               # decoder processes; a crash kills one, never the server
+    decode_timeout_s: float = Field(30.0, gt=0)        # a stuck decode answers 504 and its process is replaced
+    decoder: str = "models.video:sample_frames"        # "module:function" the workers call; tests swap in crashers
+
+    # --- batching
+    max_batch_size: int = Field(8, ge=1)     # videos per stack.caption call
+    max_wait_ms: float = Field(10.0, ge=0)   # how long a batch waits for company after its first request
+    queue_size: int = Field(64, ge=1)        # requests waiting for the model (and for a decoder) before 503
+
+    # --- access
+    admin_token: SecretStr | None = None     # Bearer token for admin routes; None leaves them open (bind locally!)
+    metrics_token: SecretStr | None = None   # Bearer token for /metrics; None: open
+    cors_origins: list[str] = []             # CORS is off unless origins are listed (JSON list in the env var)
+
+    # --- guard (passed to server.guard.GuardSettings; DESIGN.md defaults)
+    guard_window: int = Field(100, ge=1)               # captions of distinct videos in the rolling window
+    guard_min_captions: int = Field(30, ge=1)          # no verdict before this many
+    guard_min_unique_ratio: float = Field(0.5, ge=0, le=1)
+    guard_min_near_unique_ratio: float = Field(0.5, ge=0, le=1)
+    guard_max_top_mode_share: float = Field(0.2, ge=0, le=1)
+    guard_min_grounding_r1: float = Field(0.1, ge=0, le=1)
+    guard_near_dup_threshold: float = Field(0.9, gt=0, le=1)
+    guard_clear_after: int = Field(10, ge=1)           # passing evaluations before a tripped rule clears
+    guard_recompute_every: int | None = Field(None, ge=1)   # None: the guard's auto pacing
+    # what a collapsed checkpoint does: "flag" serves and says so, "reject" answers 503,
+    # "fallback" serves from the most recently active checkpoint that is not collapsed
+    collapse_policy: Literal["flag", "reject", "fallback"] = "flag"
+
+    @model_validator(mode="after")
+    def _guard_window_holds_a_verdict(self) -> Settings:
+        if self.guard_min_captions > self.guard_window:
+            raise ValueError(f"guard_min_captions ({self.guard_min_captions}) exceeds guard_window "
+                             f"({self.guard_window}): the guard would never reach a verdict")
+        return self
+
+    def guard_options(self) -> dict[str, float | int]:
+        """The guard_* fields without their prefix, for GuardSettings.from_options.
+
+        Example: Settings().guard_options() -> {"window": 100, "min_captions": 30, "min_unique_ratio": 0.5, ...}.
+        """
+        return {name.removeprefix("guard_"): getattr(self, name)
+                for name in type(self).model_fields if name.startswith("guard_")}

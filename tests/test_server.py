@@ -1,0 +1,330 @@
+"""The HTTP API on one app: every endpoint, every error path, crash and hang isolation of the decoder."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+from test_server_hooks import ABORT, HANG, OVERSIZE, SEGFAULT
+
+from models.video import sample_indices
+from server.app import create_app
+from server.deps import Checkpoints
+from server.errors import ApiError
+
+ADMIN, METRICS = "admin-secret", "metrics-secret"
+MAX_UPLOAD = 300_000     # bytes; the test clips are 5-15 kB
+DECODE_TIMEOUT_S = 3.0   # the hang test waits this long
+
+
+@pytest.fixture(scope="module")
+def app(server_settings):
+    settings = server_settings(decoder="test_server_hooks:decoder", decode_workers=2,
+                               decode_timeout_s=DECODE_TIMEOUT_S, admin_token=ADMIN, metrics_token=METRICS,
+                               max_upload_bytes=MAX_UPLOAD)
+    return create_app(settings)
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    with TestClient(app) as c:
+        yield c
+
+
+@pytest.fixture
+def tmp_dir_empty(app):
+    """After the test, no upload may be left in data_dir/tmp."""
+    yield
+    assert list((app.state.settings.data_dir / "tmp").iterdir()) == []
+
+
+def post(client, content: bytes, filename: str = "clip.mp4", **fields):
+    files = {"video": (filename, content, "application/octet-stream")}
+    files.update({k: (None, str(v)) for k, v in fields.items()})
+    return client.post("/caption", files=files)
+
+
+def error_of(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body["error"]
+
+
+def metric_samples(client) -> dict[tuple, float]:
+    text = client.get("/metrics", headers={"Authorization": f"Bearer {METRICS}"}).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+# ------------------------------------------------------------------------------------------- probes
+
+
+def test_healthz_and_readyz(client):
+    assert client.get("/healthz").json() == {"status": "alive"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    demo = next(c for c in client.get("/checkpoints").json()["checkpoints"] if c["name"] == "demo")
+    assert ready.json() == {"status": "ready", "checkpoint": "demo", "fingerprint": demo["fingerprint"]}
+
+
+# ------------------------------------------------------------------------------------------ caption
+
+
+def test_caption_answers_with_every_field(client, video_files, tmp_dir_empty):
+    data = video_files[2].read_bytes()   # 18 frames
+    r = post(client, data)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"caption", "checkpoint", "fingerprint", "video_sha256", "frames", "scores", "guard",
+                         "timings_ms"}
+    assert body["checkpoint"] == "demo" and len(body["fingerprint"]) == 64
+    assert body["video_sha256"] == hashlib.sha256(data).hexdigest()
+    assert body["frames"]["count"] == 8 and body["frames"]["indices"] == sample_indices(18, 8)
+    assert body["frames"]["timestamps_s"] == pytest.approx([i / 24 for i in sample_indices(18, 8)], abs=1e-3)
+    assert 0.0 <= body["scores"]["siglip"] <= 1.0
+    assert body["guard"]["status"] == "warming_up" and body["guard"]["window_captions"] >= 1
+    timings = body["timings_ms"]
+    assert set(timings) == {"decode", "encode", "generate", "score", "total"}
+    assert all(v >= 0 for v in timings.values()) and timings["total"] >= timings["decode"]
+
+
+def test_caption_options_are_applied(client, video_files):
+    before = metric_samples(client)[("capguard_generated_tokens_total", (("checkpoint", "demo"),))]
+    r = post(client, video_files[0].read_bytes(), num_frames=3, max_new_tokens=2)
+    assert r.status_code == 200, r.text
+    assert r.json()["frames"]["indices"] == sample_indices(12, 3)
+    after = metric_samples(client)[("capguard_generated_tokens_total", (("checkpoint", "demo"),))]
+    assert 0 <= after - before <= 2
+
+
+def test_named_checkpoint_loads_lazily(client, video_files):
+    listed = {c["name"]: c for c in client.get("/checkpoints").json()["checkpoints"]}
+    assert set(listed) == {"demo", "runs/epoch-1"}
+    assert listed["runs/epoch-1"]["loaded"] is False and listed["runs/epoch-1"]["projector_type"] == "linear"
+    r = post(client, video_files[1].read_bytes(), checkpoint="runs/epoch-1", max_new_tokens=3)
+    assert r.status_code == 200, r.text
+    assert r.json()["checkpoint"] == "runs/epoch-1"
+    listed = {c["name"]: c for c in client.get("/checkpoints").json()["checkpoints"]}
+    assert listed["runs/epoch-1"]["loaded"] is True
+    assert listed["runs/epoch-1"]["fingerprint"] == r.json()["fingerprint"] != listed["demo"]["fingerprint"]
+    assert listed["runs/epoch-1"]["active"] is False and listed["demo"]["active"] is True
+
+
+# ------------------------------------------------------------------------------------ upload errors
+
+
+def test_empty_file(client, tmp_dir_empty):
+    assert error_of(post(client, b""), 400)["code"] == "empty_upload"
+
+
+def test_text_file(client, tmp_dir_empty):
+    assert error_of(post(client, b"just some notes\n" * 50, "notes.txt"), 415)["code"] == "not_a_video"
+
+
+def test_truncated_video(client, video_files, tmp_dir_empty):
+    data = video_files[7].read_bytes()
+    r = post(client, data[: len(data) // 2])
+    assert r.status_code in (415, 422), r.text
+    assert r.json()["error"]["code"] in ("not_a_video", "corrupt_video")
+    assert "upload-" not in r.json()["error"]["message"]   # the temp file's path is not leaked
+
+
+def test_oversized_upload_with_content_length(client, tmp_dir_empty):
+    error = error_of(post(client, b"\0" * (MAX_UPLOAD + 1)), 413)
+    assert error["code"] == "video_too_large"
+
+
+def test_oversized_upload_is_stopped_while_streaming(client, tmp_dir_empty):
+    """No Content-Length (chunked): the limit must be enforced as the bytes arrive."""
+    boundary = "capguardtestboundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"video\"; filename=\"big.mp4\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+
+    def body():
+        yield head
+        for _ in range(40):              # 40 x 64 KiB = 2.5 MiB, far over the limit
+            yield b"\0" * 65536
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    r = client.post("/caption", content=body(), headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert error_of(r, 413)["code"] == "video_too_large"
+
+
+@pytest.mark.parametrize("limit, code", [({"max_pixels": 1000}, "resolution_too_large"),
+                                         ({"max_duration_s": 0.1}, "duration_too_long"),
+                                         ({"max_frames": 5}, "duration_too_long")])
+def test_video_limits_answer_413(app, client, video_files, monkeypatch, limit, code, tmp_dir_empty):
+    state = app.state.capguard
+    monkeypatch.setattr(state, "limits", dataclasses.replace(state.limits, **limit))
+    assert error_of(post(client, video_files[0].read_bytes()), 413)["code"] == code
+
+
+def test_not_multipart(client):
+    r = client.post("/caption", json={"video": "aGVsbG8="})
+    assert error_of(r, 415)["code"] == "unsupported_media_type"
+
+
+def test_truncated_multipart_body(client, video_files, tmp_dir_empty):
+    boundary = "b0undary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"video\"; filename=\"a.mp4\"\r\n\r\n".encode()
+            + video_files[0].read_bytes()[:1000])   # no closing boundary: the client stopped mid-upload
+    r = client.post("/caption", content=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert error_of(r, 400)["code"] == "bad_multipart"
+
+
+def test_missing_video_field(client):
+    r = client.post("/caption", files={"checkpoint": (None, "demo")})
+    error = error_of(r, 422)
+    assert error["code"] == "invalid_request" and "video" in error["message"]
+
+
+@pytest.mark.parametrize("field, value", [("num_frames", "0"), ("num_frames", "65"), ("num_frames", "eight"),
+                                          ("max_new_tokens", "0"), ("max_new_tokens", "257"), ("nonsense", "1")])
+def test_bad_form_fields(client, video_files, field, value, tmp_dir_empty):
+    error = error_of(post(client, video_files[0].read_bytes(), **{field: value}), 422)
+    assert error["code"] == "invalid_request" and field in error["message"]
+
+
+@pytest.mark.parametrize("name", ["nope", "../demo", "runs/../demo", "runs/../../x", "/etc", ".hidden", "runs",
+                                  "demo/siglip", "a/b/c"])
+def test_unknown_or_escaping_checkpoint(client, video_files, name, tmp_dir_empty):
+    error = error_of(post(client, video_files[0].read_bytes(), checkpoint=name), 404)
+    assert error["code"] == "unknown_checkpoint"
+
+
+def test_checkpoint_names_cannot_leave_the_root(tmp_path, checkpoints_root):
+    """A symlink inside the root that points outside is neither listed nor servable."""
+    root = tmp_path / "root"
+    (root / "ok").mkdir(parents=True)
+    (root / "ok" / "capguard.json").write_text("{}")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "capguard.json").write_text("{}")
+    (root / "escape").symlink_to(outside)
+    (root / "inside").symlink_to(root / "ok")
+    checkpoints = Checkpoints(root, "ok", "cpu")
+    assert checkpoints.names() == ["inside", "ok"]
+    for name in ("escape", "../outside", "ok/..", "ok/../../outside", str(outside)):
+        with pytest.raises(ApiError) as info:
+            checkpoints.path(name)
+        assert info.value.status == 404
+    checkpoints.close()
+
+
+# ------------------------------------------------------------------------------- decoder isolation
+
+
+@pytest.mark.parametrize("magic", [SEGFAULT, ABORT], ids=["segfault", "abort"])
+def test_crashing_decoder_does_not_take_the_server_down(client, video_files, magic, tmp_dir_empty):
+    before = metric_samples(client).get(("capguard_decoder_restarts_total", (("reason", "crash"),)), 0)
+    error = error_of(post(client, magic + b"\0" * 100), 422)
+    assert error["code"] == "decoder_crashed" and ("SIGSEGV" if magic == SEGFAULT else "SIGABRT") in error["message"]
+    for clip in video_files[:3]:         # both workers (the fresh one included) serve the next requests
+        assert post(client, clip.read_bytes(), max_new_tokens=2).status_code == 200
+    assert metric_samples(client)[("capguard_decoder_restarts_total", (("reason", "crash"),))] == before + 1
+    assert client.get("/readyz").status_code == 200
+
+
+def test_a_decoder_answering_more_than_asked_is_refused(client, video_files, tmp_dir_empty):
+    error = error_of(post(client, OVERSIZE), 422)
+    assert error["code"] == "decoder_crashed" and "nonsense" in error["message"]
+    assert post(client, video_files[0].read_bytes(), max_new_tokens=2).status_code == 200
+
+
+def test_hanging_decoder_times_out_with_504(app, client, video_files, tmp_dir_empty):
+    decoder = app.state.capguard.decoder
+    with ThreadPoolExecutor(1) as pool:
+        hanging = pool.submit(post, client, HANG)
+        deadline = time.monotonic() + DECODE_TIMEOUT_S
+        while decoder.pending == 0 and time.monotonic() < deadline:   # the hang is in one decoder ...
+            time.sleep(0.01)
+        assert decoder.pending == 1
+        # ... and the other decoder serves meanwhile
+        assert post(client, video_files[3].read_bytes(), max_new_tokens=2).status_code == 200
+        error = error_of(hanging.result(), 504)
+    assert error["code"] == "decode_timeout"
+    assert post(client, video_files[3].read_bytes(), max_new_tokens=2).status_code == 200
+    assert metric_samples(client)[("capguard_decoder_restarts_total", (("reason", "timeout"),))] == 1
+
+
+# ---------------------------------------------------------------------------------- admin and auth
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": ADMIN},
+                                     {"Authorization": f"Basic {ADMIN}"}])
+def test_activate_needs_the_admin_token(client, headers):
+    error = error_of(client.post("/checkpoints/runs/epoch-1/activate", headers=headers), 401)
+    assert error["code"] == "unauthorized"
+    assert client.get("/readyz").json()["checkpoint"] == "demo"
+
+
+def test_activate_switches_the_default_checkpoint(client, video_files):
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    assert error_of(client.post("/checkpoints/nope/activate", headers=auth), 404)["code"] == "unknown_checkpoint"
+    assert error_of(client.post("/checkpoints/../x/activate", headers=auth), 404)["code"] in ("unknown_checkpoint",
+                                                                                               "not_found")
+    r = client.post("/checkpoints/runs/epoch-1/activate", headers=auth)
+    assert r.status_code == 200, r.text
+    assert r.json()["active"] is True and r.json()["loaded"] is True and r.json()["name"] == "runs/epoch-1"
+    try:
+        assert client.get("/readyz").json()["checkpoint"] == "runs/epoch-1"
+        assert post(client, video_files[4].read_bytes(), max_new_tokens=2).json()["checkpoint"] == "runs/epoch-1"
+    finally:
+        assert client.post("/checkpoints/demo/activate", headers=auth).status_code == 200
+    assert post(client, video_files[4].read_bytes(), max_new_tokens=2).json()["checkpoint"] == "demo"
+
+
+def test_metrics_need_their_token_and_follow_design(client, video_files):
+    assert error_of(client.get("/metrics"), 401)["code"] == "unauthorized"
+    assert error_of(client.get("/metrics", headers={"Authorization": f"Bearer {ADMIN}"}), 401)
+    post(client, video_files[5].read_bytes(), max_new_tokens=2)
+    text = client.get("/metrics", headers={"Authorization": f"Bearer {METRICS}"}).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    design = {"requests": "counter", "captions": "counter", "guard_trips": "counter", "generated_tokens": "counter",
+              "stage_duration_seconds": "histogram", "request_duration_seconds": "histogram",
+              "siglip_score": "histogram", "batch_size": "histogram", "queue_depth": "gauge",
+              **{f"window_{n}": "gauge" for n in ("captions", "unique_ratio", "near_unique_ratio", "top_mode_share",
+                                                  "repeat_probability", "siglip_mean", "grounding_r1")},
+              "collapse_flag": "gauge"}
+    for name, kind in design.items():
+        assert families[f"capguard_{name}"].type == kind, name
+    samples = metric_samples(client)
+    assert samples[("capguard_requests_total", (("endpoint", "/caption"), ("status", "200")))] >= 1
+    assert samples[("capguard_captions_total", (("checkpoint", "demo"),))] >= 1
+    assert samples[("capguard_window_captions", (("checkpoint", "demo"),))] >= 1
+    assert samples[("capguard_collapse_flag", (("checkpoint", "demo"),))] == 0
+    assert {dict(k[1]).get("stage") for k in samples if k[0] == "capguard_stage_duration_seconds_count"} == {
+        "decode", "encode", "generate", "score"}
+    # routes are labelled by template, never by the raw path (no per-name or per-video series)
+    assert all(dict(k[1])["endpoint"] in {"/caption", "/healthz", "/readyz", "/checkpoints", "/metrics",
+                                           "/checkpoints/{name:path}/activate", "unmatched"}
+               for k in samples if k[0] == "capguard_requests_total")
+
+
+# ----------------------------------------------------------------------------------- error shapes
+
+
+def test_routing_errors_are_json(client):
+    assert error_of(client.get("/no/such/thing"), 404)["code"] == "not_found"
+    assert error_of(client.get("/caption"), 405)["code"] == "method_not_allowed"
+    assert error_of(client.delete("/checkpoints"), 405)["code"] == "method_not_allowed"
+
+
+def test_unexpected_errors_answer_json_500(app, client, video_files, monkeypatch):
+    state = app.state.capguard
+
+    async def broken(name):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(state.checkpoints, "get", broken)
+    raw = TestClient(app, raise_server_exceptions=False)   # shares the running app's state, no second lifespan
+    error = error_of(post(raw, video_files[0].read_bytes()), 500)
+    assert error["code"] == "internal_error" and "boom" not in error["message"]
+    monkeypatch.undo()
+    assert post(client, video_files[0].read_bytes(), max_new_tokens=2).status_code == 200
