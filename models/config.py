@@ -72,6 +72,9 @@ class CheckpointConfig:
     scorer: ScorerConfig | None = None
     name: str = ""                 # display name; the server uses the directory name
     info: dict[str, Any] = field(default_factory=dict)  # free-form provenance: training run, epoch, seed
+    # Guard thresholds this checkpoint's caption style needs (e.g. templated captions, where one word is
+    # one attribute, want a stricter near_dup_threshold); server settings set explicitly still win.
+    guard: dict[str, float] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,6 +100,11 @@ class CheckpointConfig:
         config = cls(**kwargs)
         if VIDEO_PLACEHOLDER not in config.prompt:
             raise CheckpointError(f"{where}: prompt must contain the {VIDEO_PLACEHOLDER} placeholder")
+        from models.diversity import GuardThresholds
+
+        unknown = set(config.guard) - {f.name for f in fields(GuardThresholds)}
+        if unknown:
+            raise CheckpointError(f"{where}: unknown guard thresholds {sorted(unknown)}")
         if config.vision.select_feature not in ("patch", "cls_patch"):
             raise CheckpointError(f"{where}: vision.select_feature must be 'patch' or 'cls_patch'")
         return config

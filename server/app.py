@@ -87,7 +87,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
     def restore_guard(name: str, stack) -> None:
         """On each checkpoint load: refill its guard window from the caption log of the same weights."""
-        guard = guards.get(name)
+        explicit = {k.removeprefix("guard_") for k in settings.model_fields_set if k.startswith("guard_")}
+        guard = guards.configure(name, {k: v for k, v in stack.config.guard.items() if k not in explicit})
         rows = storage.recent(name, settings.guard_window, fingerprint=stack.fingerprint)
         guard.restore(rows)
         metrics.observe_guard(name, guard.state(), count_trips=False)

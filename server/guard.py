@@ -466,6 +466,21 @@ class GuardRegistry:
                 guard = self._guards[checkpoint] = Guard(checkpoint, self.settings)
             return guard
 
+    def configure(self, checkpoint: str, thresholds: dict[str, float]) -> Guard:
+        """A fresh, empty Guard for ``checkpoint`` whose thresholds differ from the shared ones by ``thresholds``
+        (a checkpoint's own ``guard`` section). Call before restoring its window.
+
+        Example: configure("demo", {"near_dup_threshold": 0.98}) -> Guard with thresholds.near_dup_threshold 0.98.
+        """
+        known = {f.name for f in fields(GuardThresholds)}
+        unknown = set(thresholds) - known
+        if unknown:
+            raise ValueError(f"unknown guard threshold(s) {sorted(unknown)}; known: {sorted(known)}")
+        settings = replace(self.settings, thresholds=replace(self.settings.thresholds, **thresholds))
+        with self._lock:
+            guard = self._guards[checkpoint] = Guard(checkpoint, settings)
+            return guard
+
     def all(self) -> dict[str, Guard]:
         """A copy of checkpoint name -> Guard."""
         with self._lock:

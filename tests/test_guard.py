@@ -379,3 +379,14 @@ def test_registry_and_concurrent_observers():
     for t in threads:
         t.join()
     assert g.state().window_captions == 20 and g.state().status == "ok"
+
+
+def test_registry_configure_applies_a_checkpoints_own_thresholds():
+    registry = GuardRegistry(GuardSettings(window=50))
+    shared = registry.get("other")
+    guard = registry.configure("demo", {"near_dup_threshold": 0.98})
+    assert registry.get("demo") is guard
+    assert guard.settings.thresholds.near_dup_threshold == 0.98 and guard.settings.window == 50
+    assert shared.settings.thresholds.near_dup_threshold == registry.settings.thresholds.near_dup_threshold
+    with pytest.raises(ValueError, match="unknown guard threshold"):
+        registry.configure("demo", {"near_dup": 0.9})

@@ -113,6 +113,7 @@ def test_strict_loading_names_the_problem(stacks, tmp_path):
     (lambda c: c.update(prompt="no placeholder"), "<video>"),
     (lambda c: c["llm"].update(path="../nowhere"), "does not exist"),
     (lambda c: c.pop("vision"), "missing required section 'vision'"),
+    (lambda c: c.update(guard={"near_dup": 0.9}), "unknown guard thresholds"),
 ])
 def test_bad_manifests_fail_clearly(stacks, tmp_path, edit, needle):
     bad = tmp_path / "bad"
