@@ -142,7 +142,7 @@ def write_llm_dir(llm, tokenizer, out_dir: str | Path, dtype: torch.dtype | None
     return out_dir
 
 
-def write_checkpoint(out_dir: str | Path, projector: nn.Module, projector_type: str, vision_path: str,
+def write_checkpoint(out_dir: str | Path, projector: nn.Module, projector_type: str, vision: str | VisionConfig,
                      llm_path: str, scorer: ScorerConfig | None = None, prompt: str = "<video>\n",
                      options: dict | None = None, info: dict | None = None,
                      generation: GenerationConfig | None = None, num_frames: int = 8,
@@ -150,7 +150,8 @@ def write_checkpoint(out_dir: str | Path, projector: nn.Module, projector_type: 
     """A checkpoint dir: projector.safetensors + capguard.json whose component paths are relative to it."""
     out_dir = Path(out_dir)
     save_state_dict(projector, out_dir / "projector.safetensors", dtype=dtype)
-    config = CheckpointConfig(vision=VisionConfig(path=vision_path),
+    vision = vision if isinstance(vision, VisionConfig) else VisionConfig(path=vision)
+    config = CheckpointConfig(vision=vision,
                               projector=ProjectorConfig(type=projector_type, options=dict(options or {})),
                               llm=LLMConfig(path=llm_path), prompt=prompt, num_frames=num_frames,
                               generation=generation or GenerationConfig(), scorer=scorer,

@@ -40,7 +40,7 @@ from models.components import (
     write_llm_dir,
     write_open_clip_dir,
 )
-from models.config import GenerationConfig, ScorerConfig
+from models.config import GenerationConfig, ScorerConfig, VisionConfig
 from models.diversity import GuardThresholds, diversity_report, tripped_rules
 from models.encoder import FramePreprocessor, VisionEncoder, load_open_clip
 from models.projector import build_projector
@@ -59,6 +59,8 @@ class TrainConfig:
     projector: str = "mlp2x_gelu"
     projector_options: dict = field(default_factory=dict)
     num_frames: int = 8                # the field report's 8 frames
+    select_layer: int = -2             # encoder block feeding the projector (LLaVA: penultimate)
+    select_feature: str = "patch"      # "patch" or "cls_patch" (adds the block's CLS token per frame)
     sizes: TinySizes = field(default_factory=lambda: TinySizes(
         image_size=64, patch_size=16, vision_width=128, vision_layers=4, text_width=128, text_layers=3,
         context_length=32, embed_dim=128, llm_hidden=192, llm_layers=3, llm_heads=4, vocab_size=768))
@@ -316,7 +318,8 @@ def train_captioner(cfg: TrainConfig, shared: Path, encoder: VisionEncoder, llm,
                 write_llm_dir(llm, tokenizer, ckpt / "llm", dtype=save_dtype)
                 llm_rel = "llm"
             siglip_rel = os.path.relpath(shared / "siglip", ckpt)
-            write_checkpoint(ckpt, projector, cfg.projector, siglip_rel, llm_rel,
+            write_checkpoint(ckpt, projector, cfg.projector, VisionConfig(siglip_rel, cfg.select_layer,
+                                                                          cfg.select_feature), llm_rel,
                              scorer=ScorerConfig(path=siglip_rel, tokenizer=siglip_rel),
                              options=cfg.projector_options, num_frames=cfg.num_frames, dtype=save_dtype,
                              info={"run": cfg.run, "stage": stage, "epoch": epoch_no, "seed": cfg.seed,
@@ -387,7 +390,7 @@ def run(cfg: TrainConfig) -> list[EpochStats]:
         clip, preprocess_cfg = load_open_clip(shared / "siglip")
         clip = clip.float()
     clip.requires_grad_(False)
-    encoder = VisionEncoder(clip.visual, preprocess_cfg)
+    encoder = VisionEncoder(clip.visual, preprocess_cfg, cfg.select_layer, cfg.select_feature)
     scorer = Scorer(clip, load_tokenizer(shared / "siglip", shared / "siglip", clip.context_length))
     train_feats = encode_all(encoder, train_frames)
     val_feats = encode_all(encoder, val_frames)

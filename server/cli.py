@@ -86,7 +86,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(data=args.data, out=args.out, run=args.run or args.projector, lang=args.lang,
                       projector=args.projector, projector_options=json.loads(args.options or "{}"),
                       seed=args.seed, reuse_shared=not args.fresh, limit_train=args.limit_train,
-                      limit_val=args.limit_val, threads=args.threads)
+                      limit_val=args.limit_val, threads=args.threads, select_layer=args.select_layer,
+                      select_feature=args.select_feature)
     for name in ("siglip_epochs", "lm_epochs", "stage1_epochs", "stage2_epochs", "stage1_lr", "stage2_lr",
                  "batch_size", "patience", "weight_decay"):
         value = getattr(args, name)
@@ -237,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-train", type=int)
     p.add_argument("--limit-val", type=int)
     p.add_argument("--threads", type=int)
+    p.add_argument("--select-layer", type=int, default=-2)
+    p.add_argument("--select-feature", default="patch", choices=["patch", "cls_patch"])
     for name, typ in (("siglip_epochs", int), ("lm_epochs", int), ("stage1_epochs", int), ("stage2_epochs", int),
                       ("stage1_lr", float), ("stage2_lr", float), ("batch_size", int), ("patience", int),
                       ("weight_decay", float)):
