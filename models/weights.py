@@ -50,6 +50,7 @@ def save_state_dict(module_or_state: nn.Module | dict[str, torch.Tensor], path: 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(out, str(path))
+    path.chmod(0o644)   # safetensors writes 0600; checkpoints are read by other users (e.g. a container's)
     return path
 
 

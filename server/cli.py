@@ -169,6 +169,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from models.components import copy_checkpoint
+
+    path = copy_checkpoint(args.source, args.dest, name=args.name)
+    if args.guard:
+        from models.config import CheckpointConfig
+
+        config = CheckpointConfig.load(path)
+        config.guard = json.loads(args.guard)
+        config.save(path)
+        CheckpointConfig.load(path)   # validates the thresholds' names
+    print(json.dumps({"checkpoint": str(path)}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="capguard", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -197,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--options", help='projector options as JSON, e.g. \'{"num_queries": 16}\'')
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_init_checkpoint)
+
+    p = sub.add_parser("export", help="copy a checkpoint elsewhere, keeping its shared components reachable")
+    p.add_argument("source")
+    p.add_argument("dest")
+    p.add_argument("--name", help="display name (default: the destination directory's name)")
+    p.add_argument("--guard", help='guard thresholds for this checkpoint as JSON, e.g. \'{"near_dup_threshold": 0.97}\'')
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("make-videos", help="render the synthetic building videos + JSONL manifests")
     p.add_argument("--out", required=True)
