@@ -178,12 +178,14 @@ def init_checkpoint(out_dir: str | Path, projector_type: str = "mlp2x_gelu", siz
                             info={"made_by": "capguard init-checkpoint", "seed": seed})
 
 
-def copy_checkpoint(src: str | Path, dst: str | Path, name: str | None = None) -> Path:
+def copy_checkpoint(src: str | Path, dst: str | Path, name: str | None = None,
+                    relink: tuple[str | Path, str | Path] | None = None) -> Path:
     """Copy a checkpoint dir elsewhere, rewriting component paths so they still reach the same files.
 
     Components inside ``src`` (e.g. a stage-2 ``llm/``) are copied along; shared ones stay where they are
     and are referenced by a new relative path. Example: runs/demo-mlp/epoch-7 -> checkpoints/demo, whose
-    ``"../../shared/siglip"`` becomes ``"../shared/siglip"`` when shared/ sits beside it.
+    ``"../../shared/siglip"`` becomes ``"../../runs/shared/siglip"``; with ``relink=("runs/shared",
+    "checkpoints/shared")`` (a copy of the shared dir made beforehand) it becomes ``"../shared/siglip"``.
     """
     import shutil
 
@@ -191,10 +193,14 @@ def copy_checkpoint(src: str | Path, dst: str | Path, name: str | None = None) -
     config = CheckpointConfig.load(src)
     shutil.copytree(src, dst, dirs_exist_ok=True)
 
+    old, new = (Path(relink[0]).resolve(), Path(relink[1]).resolve()) if relink else (None, None)
+
     def moved(relative: str) -> str:
         target = (src / relative).resolve()
         if target.is_relative_to(src):
             return relative
+        if old is not None and target.is_relative_to(old):
+            target = new / target.relative_to(old)
         return os.path.relpath(target, dst)
 
     config.vision.path = moved(config.vision.path)

@@ -172,7 +172,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from models.components import copy_checkpoint
 
-    path = copy_checkpoint(args.source, args.dest, name=args.name)
+    relink = tuple(args.relink.split("=", 1)) if args.relink else None
+    path = copy_checkpoint(args.source, args.dest, name=args.name, relink=relink)
     if args.guard:
         from models.config import CheckpointConfig
 
@@ -217,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source")
     p.add_argument("dest")
     p.add_argument("--name", help="display name (default: the destination directory's name)")
+    p.add_argument("--relink", metavar="OLD=NEW", help="point components under OLD at the same files under NEW")
     p.add_argument("--guard", help='guard thresholds for this checkpoint as JSON, e.g. \'{"near_dup_threshold": 0.97}\'')
     p.set_defaults(func=cmd_export)
 

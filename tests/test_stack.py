@@ -224,3 +224,8 @@ def test_copy_checkpoint_keeps_shared_components_reachable(stacks, tmp_path):
     copied = CheckpointConfig.load(demo)
     assert copied.name == "demo" and copied.vision.path != config.vision.path
     assert load_stack(demo).fingerprint == load_stack(epoch).fingerprint
+    # Shipping: the shared dir is copied beside the checkpoints and relinked.
+    shutil.copytree(shared, tmp_path / "ship" / "shared")
+    shipped = copy_checkpoint(epoch, tmp_path / "ship" / "demo", relink=(shared, tmp_path / "ship" / "shared"))
+    assert CheckpointConfig.load(shipped).vision.path == "../shared/siglip"
+    assert load_stack(shipped).fingerprint == load_stack(epoch).fingerprint
