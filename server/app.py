@@ -27,7 +27,7 @@ from server.deps import AppState, Checkpoints
 from server.errors import ApiError, install_error_handlers
 from server.guard import GuardRegistry, GuardSettings
 from server.metrics import Metrics
-from server.routes import caption_router, checkpoints_router, health_router, metrics_router
+from server.routes import caption_router, checkpoints_router, health_router, metrics_router, ui_router
 from server.routes.caption import run_batch
 from server.settings import Settings
 from server.storage import CaptionLog
@@ -138,4 +138,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                            allow_headers=["Authorization", "Content-Type"])
     for router in (caption_router, checkpoints_router, health_router, metrics_router):
         app.include_router(router)
+    app.include_router(ui_router)
     return app

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter
 
 from models.config import CheckpointConfig, CheckpointError
 from server.deps import Admin, AppState, State
+from server.errors import ApiError
 from server.schemas import CheckpointInfo, CheckpointList, error_responses
 
 router = APIRouter(tags=["checkpoints"])
@@ -30,6 +33,17 @@ def describe(state: AppState, name: str) -> CheckpointInfo:
 def list_checkpoints(state: State) -> CheckpointList:
     """Every directory under checkpoints_root (1-2 levels) that holds a capguard.json."""
     return CheckpointList(checkpoints=[describe(state, name) for name in state.checkpoints.names()])
+
+
+@router.get("/checkpoints/{name:path}/guard", response_model=dict[str, Any], responses=error_responses(404))
+def guard(name: str, state: State) -> dict[str, Any]:
+    """The live guard of a loaded checkpoint: GuardState.to_dict() (status, window figures, rules, modes)."""
+    state.checkpoints.path(name)   # 404 unknown_checkpoint
+    if state.checkpoints.loaded(name) is None:
+        raise ApiError(404, "checkpoint_not_loaded", f"checkpoint {name!r} is not loaded, so it has no guard "
+                                                     f"yet; it loads on its first caption or on "
+                                                     f"POST /checkpoints/{name}/activate")
+    return state.guards.get(name).state().to_dict()
 
 
 @router.post("/checkpoints/{name:path}/activate", response_model=CheckpointInfo, dependencies=[Admin],
