@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -34,7 +35,7 @@ from server.storage import CaptionLog
 
 log = logging.getLogger(__name__)
 
-STALE_UPLOAD_S = 3600   # temp uploads older than this were left by a killed process
+STALE_UPLOAD_S = 3600   # temp uploads older than this were left by a killed process, whoever wrote them
 
 
 class RequestMetrics:
@@ -64,12 +65,37 @@ class RequestMetrics:
             self.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - started)
 
 
+def _owner_gone(path: Path) -> bool:
+    """Whether the server process named in an upload's name (upload-<pid>-*.video) no longer runs.
+
+    Our own pid counts as gone: at startup we have no uploads, so such a file is a killed predecessor's
+    (a container's server is pid 1 on every start). Example: "upload-4242-x.video" -> True once 4242 is gone.
+    """
+    pid = path.name.split("-")[1]
+    if not pid.isdigit():
+        return False   # no owner in the name: only the age rule applies
+    if int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:   # alive, another user's
+        pass
+    return False
+
+
 def _remove_stale_uploads(tmp_dir: Path) -> None:
+    """Remove the uploads a killed server left: its pid is gone (or is ours), or the file is an hour old.
+
+    Uploads of another live server sharing this data dir are kept (same pid namespace assumed).
+    """
     cutoff = time.time() - STALE_UPLOAD_S
     for path in tmp_dir.glob("upload-*"):
         try:
-            if path.stat().st_mtime < cutoff:
+            if _owner_gone(path) or path.stat().st_mtime < cutoff:
                 path.unlink()
+                log.info("removed %s, an upload left by a server that was killed", path.name)
         except OSError:
             pass
 
@@ -91,6 +117,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         guard = guards.configure(name, {k: v for k, v in stack.config.guard.items() if k not in explicit})
         rows = storage.recent(name, settings.guard_window, fingerprint=stack.fingerprint)
         guard.restore(rows)
+        metrics.checkpoint_loaded(name)
         metrics.observe_guard(name, guard.state(), count_trips=False)
         log.info("checkpoint %s: guard restored from %d logged captions", name, len(rows))
 

@@ -85,6 +85,15 @@ class Metrics:
         """Read the queue depth at scrape time."""
         self.queue_depth.set_function(depth)
 
+    def checkpoint_loaded(self, checkpoint: str) -> None:
+        """Create a loaded checkpoint's counter series at 0, so rates and alerts see them from the start."""
+        from models.diversity import RULES
+
+        self.captions.labels(checkpoint)
+        self.tokens.labels(checkpoint)
+        for rule in RULES:
+            self.trips.labels(checkpoint, rule)
+
     def observe_guard(self, checkpoint: str, state, count_trips: bool = True) -> None:
         """Set the window gauges from a GuardState; count the rules that tripped on this observe
         (count_trips=False for a state that was read, not observed, e.g. after a restore)."""
