@@ -26,9 +26,17 @@ from server.batcher import Batcher
 from server.decode import DecodePool, import_function
 from server.deps import AppState, Checkpoints
 from server.errors import ApiError, install_error_handlers
+from server.evaluations import EvaluationManager, JobStore
 from server.guard import GuardRegistry, GuardSettings
 from server.metrics import Metrics
-from server.routes import caption_router, checkpoints_router, health_router, metrics_router, ui_router
+from server.routes import (
+    caption_router,
+    checkpoints_router,
+    evaluations_router,
+    health_router,
+    metrics_router,
+    ui_router,
+)
 from server.routes.caption import run_batch
 from server.settings import Settings
 from server.storage import CaptionLog
@@ -135,10 +143,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                      limits=VideoLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels,
                                         max_duration_s=settings.max_duration_s, max_frames=settings.max_frames))
     metrics.track_queue(batcher.depth)
+    # evaluation jobs: one at a time, each in its own process (server/evaluations.py)
+    evaluations = EvaluationManager(JobStore(data_dir / "evaluations.db"), data_dir / "evaluations",
+                                    settings.evaluation_timeout_s, settings.evaluation_keep,
+                                    on_change=metrics.observe_evaluation_jobs,
+                                    on_report=metrics.observe_evaluation_report)
     try:
         await asyncio.to_thread(decoder.start)
         state.batcher.start()
         app.state.capguard = state
+        app.state.evaluations = evaluations
+        evaluations.start()
         try:
             await checkpoints.get(settings.default_checkpoint)
         except ApiError as exc:
@@ -146,6 +161,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                       settings.default_checkpoint, exc.message)
         yield
     finally:
+        await asyncio.to_thread(evaluations.stop)
+        evaluations.store.close()
         state.batcher.stop()
         decoder.close()
         checkpoints.close()
@@ -163,7 +180,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
-    for router in (caption_router, checkpoints_router, health_router, metrics_router):
+    for router in (caption_router, checkpoints_router, evaluations_router, health_router, metrics_router):
         app.include_router(router)
     app.include_router(ui_router)
     return app

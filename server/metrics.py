@@ -20,6 +20,8 @@
 | capguard_collapse_flag                      | gauge     | checkpoint       | 1 while the guard says collapsed  |
 | capguard_queue_depth                        | gauge     |                  | requests waiting for the model    |
 | capguard_decoder_restarts_total             | counter   | reason           | decoder processes replaced        |
+| capguard_evaluation_jobs                    | gauge     | status           | evaluation jobs per status        |
+| capguard_evaluation_diversity               | gauge     | checkpoint       | last finished report's diversity |
 
 Window gauges with no value yet (e.g. grounding without a scorer) read NaN, which no alert
 comparison matches.
@@ -80,6 +82,11 @@ class Metrics:
         self.queue_depth = Gauge("capguard_queue_depth", "Requests waiting for the model", registry=r)
         self.decoder_restarts = Counter("capguard_decoder_restarts", "Decoder processes replaced",
                                         ["reason"], registry=r)
+        self.evaluation_jobs = Gauge("capguard_evaluation_jobs", "Evaluation jobs per status", ["status"],
+                                     registry=r)
+        self.evaluation_diversity = Gauge("capguard_evaluation_diversity",
+                                          "Diversity (unique captions / captions) in the last finished evaluation",
+                                          ["checkpoint"], registry=r)
 
     def track_queue(self, depth: Callable[[], float]) -> None:
         """Read the queue depth at scrape time."""
@@ -103,6 +110,18 @@ class Metrics:
         self.collapse_flag.labels(checkpoint).set(1.0 if state.status == "collapsed" else 0.0)
         for rule in (getattr(state, "newly_tripped", None) or ()) if count_trips else ():
             self.trips.labels(checkpoint, rule).inc()
+
+    def observe_evaluation_jobs(self, counts: dict[str, int]) -> None:
+        """Set the jobs gauge from {status: count} (every status, zeros included)."""
+        for status, count in counts.items():
+            self.evaluation_jobs.labels(status).set(count)
+
+    def observe_evaluation_report(self, report: dict) -> None:
+        """Diversity per checkpoint of a finished report; checkpoints of older reports are dropped."""
+        self.evaluation_diversity.clear()
+        for row in report.get("checkpoints") or []:
+            diversity = row.get("diversity")
+            self.evaluation_diversity.labels(row["name"]).set(math.nan if diversity is None else diversity)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import datetime
+from typing import Any, Literal
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -88,6 +89,51 @@ class Ready(BaseModel):
     status: str
     checkpoint: str
     fingerprint: str
+
+
+class EvaluationRequest(BaseModel):
+    """POST /evaluations: what to evaluate. Bounds beyond these come from settings (evaluation_max_*)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoints: list[str] = Field(min_length=1, max_length=100)   # names as GET /checkpoints lists them
+    dataset: str = Field(min_length=1, max_length=500)   # manifest or video dir, relative to datasets_root
+    limit: int | None = Field(None, ge=1)                # the first N videos only
+    num_frames: int | None = Field(None, ge=1, le=MAX_NUM_FRAMES)   # None: each checkpoint's own
+    references: Literal["auto", "ko", "en", "none"] = "auto"       # which manifest captions score BLEU etc.
+
+
+class EvaluationProgress(BaseModel):
+    done: int                   # videos captioned so far, over all checkpoints
+    total: int                  # checkpoints x videos
+
+
+class EvaluationLinks(BaseModel):
+    self: str
+    report_html: str            # 404 until the first checkpoint is finished
+    cancel: str                 # POST (admin)
+
+
+class EvaluationJob(BaseModel):
+    id: str                     # uuid4 hex, made by the server
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    checkpoints: list[str]
+    dataset: str                # as requested, relative to datasets_root
+    limit: int | None
+    num_frames: int | None
+    references: str
+    progress: EvaluationProgress
+    error: str | None           # why it failed or was cancelled
+    attempts: int               # runs started: more than 1 when a restart interrupted it and it was resumed
+    created_at: datetime
+    started_at: datetime | None   # of the latest attempt
+    finished_at: datetime | None
+    links: EvaluationLinks
+    report: dict[str, Any] | None = None   # report.json once the job is over (partial if it failed)
+
+
+class EvaluationList(BaseModel):
+    evaluations: list[EvaluationJob]   # newest first, without their reports
 
 
 class ErrorBody(BaseModel):

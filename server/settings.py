@@ -47,6 +47,16 @@ class Settings(BaseSettings):
     metrics_token: SecretStr | None = None   # Bearer token for /metrics; None: open
     cors_origins: list[str] = []             # CORS is off unless origins are listed (JSON list in the env var)
 
+    # --- evaluation jobs (server/evaluations.py: one at a time, each in its own process)
+    datasets_root: Path = REPO_ROOT / "samples"        # POST /evaluations names data sets relative to this dir
+    evaluation_max_checkpoints: int = Field(16, ge=1)  # checkpoints per job (each one is a full pass)
+    evaluation_max_videos: int = Field(2000, ge=1)     # videos per job after `limit`
+    evaluation_queue_size: int = Field(8, ge=1)        # queued + running jobs before POST answers 503
+    evaluation_threads: int = Field(1, ge=1)           # torch threads of the job process (the server keeps its own)
+    evaluation_nice: int = Field(10, ge=0, le=19)      # the job process's niceness: /caption comes first on the CPU
+    evaluation_timeout_s: float = Field(6 * 3600, gt=0)   # a job running longer is killed and failed
+    evaluation_keep: int = Field(200, ge=1)            # finished jobs kept (rows and report files); older ones go
+
     # --- guard (passed to server.guard.GuardSettings; DESIGN.md defaults)
     guard_window: int = Field(100, ge=1)               # captions of distinct videos in the rolling window
     guard_min_captions: int = Field(30, ge=1)          # no verdict before this many

@@ -2,8 +2,10 @@
 
 from server.routes.caption import router as caption_router
 from server.routes.checkpoints import router as checkpoints_router
+from server.routes.evaluations import router as evaluations_router
 from server.routes.health import router as health_router
 from server.routes.metrics import router as metrics_router
 from server.routes.ui import router as ui_router
 
-__all__ = ["caption_router", "checkpoints_router", "health_router", "metrics_router", "ui_router"]
+__all__ = ["caption_router", "checkpoints_router", "evaluations_router", "health_router", "metrics_router",
+           "ui_router"]
