@@ -351,6 +351,9 @@ def _sample_pyav(path: str, meta: VideoMeta, table: _PacketTable, num_frames: in
                  size: tuple[int, int] | None, limits: VideoLimits) -> SampledFrames:
     indices = sample_indices(table.count, num_frames)
     wanted = sorted(set(indices))
+    # every frame converted to one size, the header's (already checked against max_pixels) unless scaled:
+    # a stream may change resolution midway (concatenated HLS/TS segments), and frames must stack
+    size = size or (meta.width, meta.height)
     fps = meta.fps or table.fps
     # AVI and the like hold no presentation times: PyAV makes some up, which mislabel B-frames
     trust_pts = table.pts_reliable and meta.container in _PTS_CONTAINERS

@@ -6,13 +6,17 @@ Routes raise ``ApiError``; FastAPI's own validation errors, routing 404/405 and 
 
 from __future__ import annotations
 
+import json
 import logging
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.schemas import ErrorResponse
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +87,54 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal_error", "the server failed on this request; the log has the details")
 
 
+ERROR_REF = "#/components/schemas/ErrorResponse"
+
+
+def _error_doc(status: int) -> dict[str, Any]:
+    """An OpenAPI response in the one error shape. Example: 400 -> {"description": "Bad Request", ...}."""
+    return {"description": HTTPStatus(status).phrase,
+            "content": {"application/json": {"schema": {"$ref": ERROR_REF}}}}
+
+
+def _document_error_shape(app: FastAPI) -> None:
+    """Make the OpenAPI schema say what the handlers above answer, for every route (present and future).
+
+    FastAPI documents its validation errors as ``HTTPValidationError`` ({"detail": [...]}) and leaves out
+    the 400 it raises for a body it cannot parse; here both answer ``ErrorResponse``. So every 422 points
+    at ErrorResponse, and every operation with a request body lists 400 and 422 (schemathesis found both).
+    """
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                responses = operation.setdefault("responses", {})
+                if "requestBody" in operation:   # a body that does not parse (400) or validate (422)
+                    for status in (400, 422):
+                        responses.setdefault(str(status), _error_doc(status))
+                for response in responses.values():
+                    media = response.get("content", {}).get("application/json", {})
+                    if media.get("schema", {}).get("$ref", "").endswith("/HTTPValidationError"):
+                        media["schema"] = {"$ref": ERROR_REF}
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        error_schema = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(error_schema.pop("$defs", {}))
+        components.setdefault("ErrorResponse", error_schema)
+        paths = json.dumps(schema["paths"])
+        for unused in ("HTTPValidationError", "ValidationError"):
+            if f"/{unused}\"" not in paths:
+                components.pop(unused, None)
+        return schema
+
+    app.openapi = openapi
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
+    _document_error_shape(app)

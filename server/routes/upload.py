@@ -2,9 +2,9 @@
 
 Starlette's own form parsing would buffer the whole upload before the route runs and knows no
 size limit for files, so /caption reads ``request.stream()`` itself with python-multipart's
-streaming parser: the ``video`` part goes straight to ``<data_dir>/tmp/upload-*.video`` (a name
-of our own; the client's filename is never used), hashed with sha256 on the way, and the size limit
-answers 413 as soon as it is crossed. Text fields are small and kept in memory.
+streaming parser: the ``video`` part goes straight to ``<data_dir>/tmp/upload-<pid>-*.video`` (a
+name of our own; the client's filename is never used), hashed with sha256 on the way, and the size
+limit answers 413 as soon as it is crossed. Text fields are small and kept in memory.
 
     upload = await receive_upload(request, tmp_dir, max_bytes=256 * 2**20)
     try: ...use upload.path, upload.sha256, upload.fields["num_frames"]...
@@ -13,7 +13,9 @@ answers 413 as soon as it is crossed. Text fields are small and kept in memory.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -25,7 +27,9 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
-from server.errors import ApiError
+from server.errors import ApiError, unavailable
+
+log = logging.getLogger(__name__)
 
 FILE_FIELD = "video"
 MAX_FIELD_BYTES = 1024      # checkpoint names and numbers; anything longer is a mistake
@@ -51,6 +55,20 @@ def _invalid(field_name: str, message: str, kind: str = "value_error") -> Reques
 def _too_large(max_bytes: int) -> ApiError:
     return ApiError(413, "video_too_large", f"the upload is larger than the limit of {max_bytes:,} bytes "
                                             f"({max_bytes / 2**20:.1f} MiB); upload a shorter or more compressed video")
+
+
+# out of file descriptors, disk space or memory: the server's trouble, not the request's; it passes
+RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOSPC, errno.EDQUOT, errno.ENOMEM}
+
+
+def _out_of_resources(exc: OSError) -> ApiError:
+    """503 + Retry-After for an OSError whose errno is in RESOURCE_ERRNOS.
+
+    Example: OSError(errno.EMFILE, "Too many open files") -> ApiError 503 "insufficient_resources".
+    """
+    log.error("cannot store an upload: %s", exc)
+    return unavailable("insufficient_resources", f"the server cannot store the upload right now "
+                                                 f"({exc.strerror}); retry shortly", 5)
 
 
 class _Receiver:
@@ -140,7 +158,13 @@ async def receive_upload(request: Request, tmp_dir: Path, max_bytes: int) -> Upl
         raise _too_large(max_bytes)
 
     tmp_dir.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix="upload-", suffix=".video", dir=tmp_dir)
+    try:
+        # the owner's pid in the name: a restarted server removes what a killed one left (server.app)
+        fd, name = tempfile.mkstemp(prefix=f"upload-{os.getpid()}-", suffix=".video", dir=tmp_dir)
+    except OSError as exc:
+        if exc.errno in RESOURCE_ERRNOS:
+            raise _out_of_resources(exc) from exc
+        raise
     path = Path(name)
     try:
         with os.fdopen(fd, "wb") as out:
@@ -168,6 +192,11 @@ async def receive_upload(request: Request, tmp_dir: Path, max_bytes: int) -> Upl
     except ClientDisconnect:
         path.unlink(missing_ok=True)
         raise ApiError(400, "upload_interrupted", "the client went away before the upload was complete") from None
+    except OSError as exc:   # the temp file could not be written (disk full, ...)
+        path.unlink(missing_ok=True)
+        if exc.errno in RESOURCE_ERRNOS:
+            raise _out_of_resources(exc) from exc
+        raise
     except BaseException:
         path.unlink(missing_ok=True)
         raise
