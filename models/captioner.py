@@ -43,6 +43,7 @@ class Captioner(nn.Module):
         self.register_buffer("suffix_ids", torch.tensor(suffix, dtype=torch.long), persistent=False)
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self._prompt_cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None   # see prompt_embeddings
 
     @property
     def device(self) -> torch.device:
@@ -62,6 +63,25 @@ class Captioner(nn.Module):
             return list(self.projector(torch.stack(blocks)).unbind(0))  # (B, Q, D_llm)
         return [self.projector(b.unsqueeze(0))[0] for b in blocks]
 
+    def prompt_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P, D) and (S, D) embeddings of the prompt before and after ``<video>``.
+
+        Without autograd (generation) they are computed once and reused for as long as the embedding
+        table is the same tensor at the same version (an optimizer step bumps the version); with
+        autograd (training) they are computed afresh so gradients reach the table.
+        """
+        embed = self.llm.get_input_embeddings()
+        if torch.is_grad_enabled():
+            return embed(self.prefix_ids), embed(self.suffix_ids)
+        weight = embed.weight
+        try:
+            key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, self.prefix_ids.device)
+        except RuntimeError:  # an inference-mode tensor has no version counter: nothing to key the cache on
+            return embed(self.prefix_ids), embed(self.suffix_ids)
+        if self._prompt_cache is None or self._prompt_cache[0] != key:
+            self._prompt_cache = (key, embed(self.prefix_ids), embed(self.suffix_ids))
+        return self._prompt_cache[1], self._prompt_cache[2]
+
     def build_inputs(self, visual: list[torch.Tensor], targets: list[list[int]] | None = None):
         """Left-padded (B, L, D_llm) embeddings, (B, L) mask, (B, L) position ids and labels (or None).
 
@@ -69,7 +89,7 @@ class Captioner(nn.Module):
         """
         embed = self.llm.get_input_embeddings()
         dtype = embed.weight.dtype
-        pre, suf = embed(self.prefix_ids), embed(self.suffix_ids)      # (P, D), (S, D)
+        pre, suf = self.prompt_embeddings()                             # (P, D), (S, D)
         rows, label_rows = [], []
         for i, vis in enumerate(visual):
             parts = [pre, vis.to(dtype), suf]

@@ -1,0 +1,92 @@
+"""The benchmarks run and print their tables (tiny settings). They measure nothing here: no timing is asserted."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "bench"
+DEMO = REPO / "checkpoints" / "demo" / "capguard.json"
+VAL = REPO / "samples" / "val" / "val.jsonl"
+needs_demo = pytest.mark.skipif(not (DEMO.is_file() and VAL.is_file()),
+                                reason="needs the shipped checkpoints/demo and samples/val")
+
+
+def run(script: str, *args: str, timeout: float = 120) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
+                         timeout=timeout, cwd=REPO, env=env)
+    assert out.returncode == 0, f"{script} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout
+
+
+def table_rows(stdout: str, header_start: str) -> list[list[str]]:
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start + 1:]:
+        if not line.strip():
+            break
+        rows.append(line.split())
+    return rows
+
+
+def test_gpu_bench_tiny_prints_one_row_per_projector():
+    stdout = run("gpu_bench.py", "--tiny", "--repeats", "1")
+    assert stdout.startswith("device CPU")
+    rows = table_rows(stdout, "projector")
+    assert [r[0] for r in rows] == ["linear", "mlp2x_gelu", "c-abstractor"]
+    for r in rows:
+        assert float(r[2]) > 0 and float(r[3]) > 0            # naive and batched videos/s
+        assert r[4].endswith("x") and "/" in r[5]              # ratio, same-token count
+    # visual tokens: all 2 frames x 16 patches for linear/MLP, the queries for the C-Abstractor
+    assert [int(r[1]) for r in rows] == [32, 32, 8]
+
+
+def test_bench_decode_quick_checks_every_backend(tmp_path):
+    stdout = run("bench_decode.py", "--quick", "--repeats", "1", "--video-dir", str(tmp_path))
+    rows = table_rows(stdout, "video")
+    assert [" ".join(r[:2]) for r in rows][:2] == ["h264 short", "vp9 short"]
+    for r in rows:
+        decord, pyav, sequential, auto = r[-4:]                # exact-frame flags
+        assert pyav == sequential == auto == "y"               # PyAV, the baseline and auto return the asked frames
+        assert decord in ("y", "-")                            # decord is exact or cannot open (AV1)
+    assert "auto chose the faster exact backend" in stdout
+
+
+def test_bench_server_helpers():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_server
+    finally:
+        sys.path.remove(str(BENCH))
+    assert bench_server.differing({"a": "x", "b": "y"}, {"a": "x", "b": "z"}) == ["b"]
+    assert bench_server.differing({"a": "x"}, {}) == ["a"]
+    cpu = bench_server.process_cpu_s(os.getpid(), with_children=False)
+    assert cpu is None or cpu > 0
+    if VAL.is_file():
+        assert len(bench_server.manifest_videos(VAL, 5)) == 5
+
+
+@needs_demo
+@pytest.mark.slow
+def test_bench_metrics_runs_on_the_demo_stack():
+    stdout = run("bench_metrics.py", "--windows", "100", "--observations", "40", "--request-videos", "8",
+                 "--scrapes", "5", timeout=300)
+    assert "window 100 (full recompute every" in stdout
+    assert "of a c1 request" in stdout and "GET /metrics: median" in stdout
+
+
+@needs_demo
+@pytest.mark.slow
+def test_bench_server_compares_captions_with_the_naive_loop():
+    stdout = run("bench_server.py", "--videos", "6", "--rounds", "1", "--concurrency", "1", "4", timeout=600)
+    rows = table_rows(stdout, "run")
+    assert [r[0] for r in rows] == ["naive", "server", "server"]
+    assert all(r[-1] == "6/6" for r in rows)                   # the server's captions are the naive loop's
+    assert "throughput / naive loop: c1" in stdout
