@@ -125,18 +125,23 @@ _BOOTSTRAP = ("import json, sys; sys.path[:] = json.loads(sys.argv[3]); "
               "from server.decode import _worker_entry; _worker_entry(int(sys.argv[1]), sys.argv[2])")
 
 
-def _death(process: subprocess.Popen) -> str:
-    """How a worker ended, e.g. "killed by SIGSEGV" or "exited with status 1"."""
-    try:
-        code = process.wait(timeout=2)
-    except subprocess.TimeoutExpired:
-        return "stopped answering"
+def describe_exit(code: int) -> str:
+    """A child's exit status in words. Example: -11 -> "killed by SIGSEGV"; 1 -> "exited with status 1"."""
     if code < 0:
         try:
             return f"killed by {signal.Signals(-code).name}"
         except ValueError:
             return f"killed by signal {-code}"
     return f"exited with status {code}"
+
+
+def _death(process: subprocess.Popen) -> str:
+    """How a worker ended, e.g. "killed by SIGSEGV" or "exited with status 1"."""
+    try:
+        code = process.wait(timeout=2)
+    except subprocess.TimeoutExpired:
+        return "stopped answering"
+    return describe_exit(code)
 
 
 class DecodeWorker:

@@ -53,6 +53,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.decode import describe_exit
+
 log = logging.getLogger(__name__)
 
 JOB_ID = re.compile(r"[0-9a-f]{32}")   # uuid4().hex
@@ -267,16 +269,6 @@ class JobStore:
 # then this module's main. Like server.decode, it does not re-run the server's __main__.
 _BOOTSTRAP = ("import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
               "from server.evaluations import main; sys.exit(main(['run', sys.argv[2], '--parent-pid', sys.argv[3]]))")
-
-
-def describe_exit(code: int) -> str:
-    """A child's exit status in words. Example: -9 -> "killed by SIGKILL"; 1 -> "exited with status 1"."""
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exited with status {code}"
 
 
 class EvaluationManager:
