@@ -56,10 +56,10 @@ def request_times(checkpoint: Path, paths: list[Path]) -> tuple[float, float, li
             started = time.perf_counter()
             outputs += stack.caption([decode(path)])[0]
             singles.append(time.perf_counter() - started)
-        prepared = [stack.prepare(decode(p)) for p in paths[:8]]
+        frames = [decode(p) for p in paths[:8]]
         started = time.perf_counter()
-        stack.caption(prepared)
-        return statistics.median(singles), (time.perf_counter() - started) / len(prepared), outputs, stack
+        stack.caption(frames)
+        return statistics.median(singles), (time.perf_counter() - started) / len(frames), outputs, stack
 
     with ThreadPoolExecutor(1) as thread:   # torch in a worker thread, as in the server (bench_server.py)
         return thread.submit(work).result()

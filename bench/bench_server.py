@@ -3,6 +3,8 @@
     .venv/bin/python bench/bench_server.py                        # checkpoints/demo, samples/val (97), 3 rounds
     .venv/bin/python bench/bench_server.py --videos 16 --rounds 1 --concurrency 1 8
     .venv/bin/python bench/bench_server.py --threads 2            # torch intra-op threads, both sides
+    .venv/bin/python bench/bench_server.py --variant guard8=,CAPGUARD_GUARD_RECOMPUTE_EVERY=8 \
+        --variant before=/tmp/capguard-before                      # more servers, measured in the same rounds
 
 1. Naive loop, no server: for each video, ``sample_frames`` + ``stack.caption([frames])`` (encode,
    projector, generate, score) one at a time, in a worker thread as the server's model work is: on
@@ -11,13 +13,21 @@
 2. ``capguard serve`` as a subprocess on a free port (the same checkpoint, its default settings;
    ``CAPGUARD_*`` variables in the environment pass through), every video POSTed over real HTTP by
    N client threads at once, for each N of ``--concurrency``.
+   ``--variant`` adds servers from other source trees (e.g. ``git archive OLD | tar -x -C DIR``)
+   and/or with other ``CAPGUARD_*`` settings, each on its own port, measured in the same rounds.
 3. Rounds: naive, then each concurrency, repeated ``--rounds`` times, so a change in the machine's
    load hits all of them alike; the table shows each run's median (and range) over the rounds.
+4. The model's own ceiling: ``stack.caption`` alone on decoded frames at batch 1, 4 and 8 (ms per
+   video). Naive ms / batch-B ms is what a server whose model thread never idles could reach with
+   batches of B; concurrency 8 gives batches of about 4 (while one batch runs, the other half of the
+   clients upload and decode the next one).
 
 Both sides get ``--threads`` torch threads (default 1: two decoder processes, the HTTP server and the
 client share the 2 cores with the model thread, and oversubscribed OpenMP threads spin). Every
 server caption is compared with the naive loop's caption of the same video. CPU ms per video are read
-from /proc: the server process with its decoder processes, and this process (the HTTP client).
+from /proc: the server process with its decoder processes, and this process (the HTTP client); "others
+CPU" is how many CPUs' worth the machine's other processes used meanwhile (on a shared 2-core box a
+figure above ~0.2 means the run was starved; ``--quiet-wait`` waits for a quiet spell before each round).
 Prints the table and the ratios cN / naive; exits 1 if any caption differs.
 """
 
@@ -51,6 +61,7 @@ class Run:
     batch: float = 1.0                # mean videos per model call (from /metrics)
     server_cpu_s: float | None = None  # server + decoder processes, user + system
     client_cpu_s: float | None = None  # this process during the run (HTTP client, or the naive loop itself)
+    others_cpu: float | None = None    # CPUs' worth used by other processes during the run (shared machines)
 
 
 @dataclass
@@ -104,8 +115,41 @@ def own_cpu_s() -> float:
     return times.user + times.system
 
 
-def naive_runner(checkpoint: Path, device: str) -> Callable[[list[Path]], Run]:
-    """A function that runs the naive loop over some videos, in a dedicated worker thread (docstring)."""
+def machine_busy_s() -> float | None:
+    """CPU seconds all processes have used (the "cpu" line of /proc/stat, less idle and iowait)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def others_cpu(busy0: float | None, busy1: float | None, ours_s: float, wall_s: float) -> float | None:
+    """CPUs' worth that processes other than ours used over `wall_s`.
+
+    Example: 3.0 s busy on the machine in 2 s of wall, 2.0 s of it ours -> 0.5 (half a CPU).
+    """
+    if busy0 is None or busy1 is None:
+        return None
+    return max(0.0, (busy1 - busy0 - ours_s) / wall_s)
+
+
+def wait_for_quiet(max_s: float, idle_share: float = 0.85, window_s: float = 3.0) -> float:
+    """Wait up to `max_s` for a `window_s` in which the CPUs were at least `idle_share` idle; returns the wait."""
+    started = time.monotonic()
+    while time.monotonic() - started < max_s:
+        busy0 = machine_busy_s()
+        time.sleep(window_s)
+        busy1 = machine_busy_s()
+        if busy0 is None or busy1 is None or (busy1 - busy0) / (window_s * os.cpu_count()) <= 1 - idle_share:
+            break
+    return time.monotonic() - started
+
+
+def naive_runner(checkpoint: Path, device: str) -> tuple[Callable[[list[Path]], Run],
+                                                         Callable[[list[Path], int], float]]:
+    """(the naive loop over some videos, the model's own ms per video at a batch size), both run on one
+    dedicated worker thread (module docstring)."""
     from models.stack import load_stack
     from models.video import sample_frames
 
@@ -118,15 +162,28 @@ def naive_runner(checkpoint: Path, device: str) -> Callable[[list[Path]], Run]:
 
     def loop(paths: list[Path]) -> Run:
         captions, latencies = {}, []
-        cpu0, started = own_cpu_s(), time.perf_counter()
+        busy0, cpu0, started = machine_busy_s(), own_cpu_s(), time.perf_counter()
         for path in paths:
             t0 = time.perf_counter()
             captions[path.name] = one(path)
             latencies.append(time.perf_counter() - t0)
         wall = time.perf_counter() - started
-        return Run(wall, latencies, captions, client_cpu_s=own_cpu_s() - cpu0)
+        ours = own_cpu_s() - cpu0
+        return Run(wall, latencies, captions, client_cpu_s=ours,
+                   others_cpu=others_cpu(busy0, machine_busy_s(), ours, wall))
 
-    return lambda paths: thread.submit(loop, paths).result()
+    def model(paths: list[Path], batch: int) -> float:
+        """Milliseconds per video of stack.caption alone on decoded frames, `batch` videos a call: what
+        the server's model thread spends on a batch, whatever else runs beside it."""
+        frames = [sample_frames(p, stack.config.num_frames, max_side=stack.frame_side).frames for p in paths]
+        stack.caption(frames[:batch])   # warm-up
+        started = time.perf_counter()
+        for i in range(0, len(frames) - batch + 1, batch):
+            stack.caption(frames[i:i + batch])
+        return 1000 * (time.perf_counter() - started) / (len(frames) // batch * batch)
+
+    return (lambda paths: thread.submit(loop, paths).result(),
+            lambda paths, batch: thread.submit(model, paths, batch).result())
 
 
 def free_port() -> int:
@@ -135,17 +192,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class Variant:
+    """A server to measure: this tree's by default, or another source tree's, with extra environment."""
+    label: str                                   # row label: "server", or the --variant name
+    tree: Path = REPO                            # `python -m server.cli` runs from here
+    env: dict[str, str] = field(default_factory=dict)   # e.g. {"CAPGUARD_GUARD_RECOMPUTE_EVERY": "8"}
+
+
+def parse_variant(text: str) -> Variant:
+    """--variant LABEL=[TREE][,KEY=VALUE...] -> Variant.
+
+    Example: "guard8=,CAPGUARD_GUARD_RECOMPUTE_EVERY=8" -> Variant("guard8", REPO, {"CAPGUARD_...": "8"});
+    "before=/tmp/old" -> the server of the checkout in /tmp/old.
+    """
+    label, sep, rest = text.partition("=")
+    if not sep or not label:
+        raise argparse.ArgumentTypeError(f"--variant wants LABEL=[TREE][,KEY=VALUE...], got {text!r}")
+    tree, *pairs = rest.split(",")
+    if any("=" not in pair for pair in pairs):
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: environment entries must be KEY=VALUE")
+    path = Path(tree).resolve() if tree else REPO
+    if not (path / "server" / "cli.py").is_file():
+        raise argparse.ArgumentTypeError(f"--variant {text!r}: {path} is not a capguard source tree")
+    return Variant(label, path, dict(pair.split("=", 1) for pair in pairs))
+
+
 def start_server(checkpoint: Path, data_dir: Path, device: str, threads: int,
-                 log_path: Path) -> tuple[subprocess.Popen, str]:
+                 log_path: Path, variant: Variant = Variant("server")) -> tuple[subprocess.Popen, str]:
     import httpx
 
     port = free_port()
     env = {**os.environ, "CAPGUARD_DATA_DIR": str(data_dir), "CAPGUARD_DEVICE": device, "HF_HUB_OFFLINE": "1",
-           "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-    with log_path.open("wb") as log:   # `python -m` in REPO: the server of this tree, like the naive loop
+           "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
+           **variant.env}
+    with log_path.open("wb") as log:   # `python -m` in the tree: its own server/ and models/
         process = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port),
-                                    "--checkpoint", str(checkpoint)],
-                                   env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+                                    "--checkpoint", str(checkpoint.resolve())],
+                                   env=env, stdout=log, stderr=subprocess.STDOUT, cwd=variant.tree)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -182,17 +266,18 @@ def server_run(url: str, server_pid: int, paths: list[Path], concurrency: int) -
             return payload[0], r.json()["caption"], time.perf_counter() - t0
 
         sum0, count0 = batch_stats(client, url)
-        server0, client0 = process_cpu_s(server_pid), own_cpu_s()
+        busy0, server0, client0 = machine_busy_s(), process_cpu_s(server_pid), own_cpu_s()
         started = time.perf_counter()
         with ThreadPoolExecutor(concurrency) as pool:
             answers = list(pool.map(post, payloads))
         wall = time.perf_counter() - started
-        server1, client1 = process_cpu_s(server_pid), own_cpu_s()
+        busy1, server1, client1 = machine_busy_s(), process_cpu_s(server_pid), own_cpu_s()
         sum1, count1 = batch_stats(client, url)
     return Run(wall, [a[2] for a in answers], {a[0]: a[1] for a in answers},
                batch=(sum1 - sum0) / max(1.0, count1 - count0),
                server_cpu_s=None if server0 is None or server1 is None else server1 - server0,
-               client_cpu_s=client1 - client0)
+               client_cpu_s=client1 - client0,
+               others_cpu=others_cpu(busy0, busy1, (server1 or 0.0) - (server0 or 0.0) + client1 - client0, wall))
 
 
 def differing(reference: dict[str, str], captions: dict[str, str]) -> list[str]:
@@ -208,18 +293,21 @@ def table(results: dict[str, Summary], videos: int, reference: dict[str, str]) -
         known = [v for v in values if v is not None]
         return f"{1000 * statistics.median(known) / videos:.1f}" if known else "-"
 
-    lines = [f"{'run':<11} {'videos/s':>9} {'range':>13} {'p50 ms':>8} {'p90 ms':>8} {'batch':>6} "
-             f"{'srv CPU ms/v':>12} {'this CPU ms/v':>13} {'same captions':>14}"]
+    width = max(11, *(len(name) for name in results))
+    lines = [f"{'run':<{width}} {'videos/s':>9} {'range':>13} {'p50 ms':>8} {'p90 ms':>8} {'batch':>6} "
+             f"{'srv CPU ms/v':>12} {'this CPU ms/v':>13} {'others CPU':>10} {'same captions':>14}"]
     for name, summary in results.items():
         rates = summary.rates(videos)
         latencies = sorted(t for r in summary.runs for t in r.latencies_s)
         same = min(videos - len(differing(reference, r.captions)) for r in summary.runs)
-        lines.append(f"{name:<11} {statistics.median(rates):>9.2f} {min(rates):>6.2f}-{max(rates):<6.2f} "
+        others = [r.others_cpu for r in summary.runs if r.others_cpu is not None]
+        lines.append(f"{name:<{width}} {statistics.median(rates):>9.2f} {min(rates):>6.2f}-{max(rates):<6.2f} "
                      f"{1000 * statistics.median(latencies):>8.1f} "
                      f"{1000 * latencies[int(0.9 * (len(latencies) - 1))]:>8.1f} "
                      f"{statistics.mean(r.batch for r in summary.runs):>6.2f} "
                      f"{per_video_ms([r.server_cpu_s for r in summary.runs]):>12} "
-                     f"{per_video_ms([r.client_cpu_s for r in summary.runs]):>13} {same:>9}/{videos}")
+                     f"{per_video_ms([r.client_cpu_s for r in summary.runs]):>13} "
+                     f"{f'{statistics.median(others):.2f}' if others else '-':>10} {same:>9}/{videos}")
     return lines
 
 
@@ -232,6 +320,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads, naive loop and server alike")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quiet-wait", type=float, default=0.0, help="before each round, wait up to this many "
+                        "seconds for the other processes on the machine to go quiet (85 %% idle for 3 s)")
+    parser.add_argument("--variant", type=parse_variant, action="append", default=[],
+                        metavar="LABEL=[TREE][,KEY=VALUE...]", help="another server measured in the same rounds: "
+                        "another source tree (e.g. a git worktree of an older commit) and/or CAPGUARD_* settings")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -244,33 +337,53 @@ def main() -> None:
           f"torch threads {args.threads}; device {args.device}; {os.cpu_count()} CPUs; "
           f"load average {os.getloadavg()[0]:.2f}")
 
-    naive = naive_runner(args.checkpoint, args.device)
+    variants = [Variant("server"), *args.variant]
+    for v in variants[1:]:
+        print(f"variant {v.label}: tree {v.tree}, environment {v.env or '-'}")
+    naive, model_ms = naive_runner(args.checkpoint, args.device)
     naive(paths[:2])   # warm-up
-    results = {"naive": Summary(), **{f"server c{c}": Summary() for c in args.concurrency}}
+    results = {"naive": Summary(), **{f"{v.label} c{c}": Summary() for c in args.concurrency for v in variants}}
     with tempfile.TemporaryDirectory(prefix="capguard-bench-") as tmp:
-        process, url = start_server(args.checkpoint, Path(tmp) / "data", args.device, args.threads,
-                                    Path(tmp) / "serve.log")
+        servers = {}
         try:
-            server_run(url, process.pid, paths[:8], max(args.concurrency))   # warm-up
+            for i, v in enumerate(variants):   # all started first; each idles while another is measured
+                servers[v.label] = start_server(args.checkpoint, Path(tmp) / f"data{i}", args.device, args.threads,
+                                                Path(tmp) / f"serve{i}.log", v)
+            for process, url in servers.values():
+                server_run(url, process.pid, paths[:8], max(args.concurrency))   # warm-up
             for round_ in range(args.rounds):
+                if args.quiet_wait:
+                    waited = wait_for_quiet(args.quiet_wait)
+                    print(f"round {round_ + 1}: waited {waited:.0f} s for a quiet machine", flush=True)
                 results["naive"].runs.append(naive(paths))
                 for c in args.concurrency:
-                    results[f"server c{c}"].runs.append(server_run(url, process.pid, paths, c))
+                    for label, (process, url) in servers.items():
+                        results[f"{label} c{c}"].runs.append(server_run(url, process.pid, paths, c))
                 print(f"round {round_ + 1}/{args.rounds}: naive {n / results['naive'].runs[-1].wall_s:.1f} v/s, "
-                      + ", ".join(f"c{c} {n / results[f'server c{c}'].runs[-1].wall_s:.1f}"
-                                  for c in args.concurrency), flush=True)
+                      + ", ".join(f"{name} {n / s.runs[-1].wall_s:.1f}" for name, s in results.items()
+                                  if name != "naive"), flush=True)
         finally:
-            process.terminate()
-            process.wait(timeout=30)
+            for process, _ in servers.values():
+                process.terminate()
+            for process, _ in servers.values():
+                process.wait(timeout=30)
 
     reference = results["naive"].runs[0].captions
     print()
     print("\n".join(table(results, n, reference)))
     base = results["naive"].median_rate(n)
-    print("\nthroughput / naive loop: " + "   ".join(
-        f"c{c} {results[f'server c{c}'].median_rate(n) / base:.2f}x" for c in args.concurrency))
+    for v in variants:
+        prefix = "" if v.label == "server" else f"{v.label} "
+        print(f"\n{prefix}throughput / naive loop: " + "   ".join(
+            f"c{c} {results[f'{v.label} c{c}'].median_rate(n) / base:.2f}x" for c in args.concurrency), end="")
+    print()
     if 1 in args.concurrency and 8 in args.concurrency:
         print(f"c8 / c1: {results['server c8'].median_rate(n) / results['server c1'].median_rate(n):.2f}x")
+    ceiling = {b: model_ms(paths[:min(n, 24)], b) for b in (1, 4, 8) if b <= n}
+    print("model thread alone (stack.caption on decoded frames), ms per video: " + ", ".join(
+        f"batch {b} {ms:.1f}" for b, ms in ceiling.items()) + "; naive loop " + f"{1000 / base:.1f}")
+    print("ceiling (model thread never idle, everything else on the other core): " + ", ".join(
+        f"batches of {b} {1000 / base / ms:.2f}x naive" for b, ms in ceiling.items() if b > 1))
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
     bad = {name: differing(reference, r.captions) for name, s in results.items() for r in s.runs}
     bad = {name: names for name, names in bad.items() if names}

@@ -3,6 +3,7 @@
     .venv/bin/python bench/gpu_bench.py                  # H100/H200: LLaMA-2-7B-shaped LLM, ViT-L/14-336, 8 frames
     .venv/bin/python bench/gpu_bench.py --projectors linear --batch 16
     .venv/bin/python bench/gpu_bench.py --tiny           # tiny shapes on the CPU in seconds (CI smoke test)
+    .venv/bin/python bench/gpu_bench.py --plan           # no GPU needed: shapes, FLOPs, bytes, H100/H200 limits
 
 Random weights, nothing downloaded: a LLaMA-2-7B-shaped ``LlamaForCausalLM`` (hidden 4096, 32 layers,
 32 heads, MLP 11008, vocab 32000) built from a ``LlamaConfig`` in bf16 on the GPU, an open_clip
@@ -243,9 +244,49 @@ def measure(stack: CaptionStack, shapes: Shapes, device: torch.device, repeats: 
                1000 * step_s, step_bytes(cap.llm, shapes.batch, seq + shapes.new_tokens // 2))
 
 
+def vision_flops(visual, tokens: int) -> float:
+    """FLOPs of one frame through the vision tower: every weight matrix (attention in/out projections, MLP,
+    patch embedding) per token, plus attention scores and values over all tokens."""
+    linear = sum(p.numel() for name, p in visual.named_parameters() if p.dim() >= 2 and "weight" in name)
+    blocks = [m for m in visual.modules() if isinstance(m, torch.nn.MultiheadAttention)]
+    width = blocks[0].embed_dim if blocks else 0
+    return 2 * tokens * linear + len(blocks) * 4 * tokens * tokens * width
+
+
+def plan(shapes: Shapes, projectors: list[str]) -> None:
+    """The limits without running anything: shapes on the meta device, FLOPs and bytes per video, and what
+    an H100 SXM / H200 allows at best (prefill at the dense bf16 peak, decode at the HBM bound)."""
+    encoder, llm = build_parts(shapes, torch.device("meta"), torch.bfloat16)
+    frame_tokens = encoder.tokens_per_frame + 1                 # with CLS, as the tower computes
+    vision = shapes.frames * vision_flops(encoder.visual, frame_tokens)
+    print(f"LLM {sum(p.numel() for p in llm.parameters()) / 1e9:.3f}B params; vision "
+          f"{sum(p.numel() for p in encoder.visual.parameters()) / 1e6:.0f}M params, {vision / 1e12:.2f} TFLOP per "
+          f"video ({shapes.frames} frames x {frame_tokens} tokens); batch {shapes.batch}")
+    print(f"{'projector':<13} {'params':>8} {'prompt':>6} {'prefill TFLOP/v':>15} "
+          + " ".join(f"{card + ' ms/v':>12} {card + ' tok/s b1':>15} {f'tok/s b{shapes.batch}':>11}"
+                     for card, _, _ in (CARDS[0], CARDS[3])))
+    for kind in projectors:
+        options = {"num_queries": shapes.queries} if kind == "c-abstractor" else {}
+        params = sum(p.numel() for p in build_projector(kind, encoder.width, shapes.hidden, **options).parameters())
+        visual = shapes.queries if kind == "c-abstractor" else shapes.frames * encoder.tokens_per_frame
+        seq = visual + 2                                         # [BOS] visual "\n" (the stub prompt)
+        prefill = prefill_flops(llm, 1, seq)
+        cells = []
+        for _, peak, bandwidth in (CARDS[0], CARDS[3]):
+            ideal_ms = 1000 * (vision + prefill) / (peak * 1e12)
+            b1 = 1 / (step_bytes(llm, 1, seq + shapes.new_tokens // 2) / (bandwidth * 1e12))
+            bn = shapes.batch / (step_bytes(llm, shapes.batch, seq + shapes.new_tokens // 2) / (bandwidth * 1e12))
+            cells.append(f"{ideal_ms:>12.1f} {b1:>15.0f} {bn:>11.0f}")
+        print(f"{kind:<13} {params / 1e6:>7.1f}M {seq:>6} {prefill / 1e12:>15.1f} " + " ".join(cells))
+    print("ms/v: vision + prefill of one video at the dense bf16 peak; tok/s: decode at the HBM bound "
+          f"(weights + KV cache read once per step, context = prompt + {shapes.new_tokens // 2})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (seconds; CI smoke test)")
+    parser.add_argument("--plan", action="store_true", help="print the shapes and the H100/H200 limits (meta "
+                        "device: no GPU, no memory, seconds) and exit")
     parser.add_argument("--projectors", nargs="+", default=["linear", "mlp2x_gelu", "c-abstractor"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -255,6 +296,10 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the card's dense bf16 peak")
     parser.add_argument("--hbm-tbs", type=float, default=None, help="override the card's HBM bandwidth, TB/s")
     args = parser.parse_args()
+    if args.plan:
+        plan(TINY if args.tiny else field_report_shapes(args.batch, args.new_tokens, args.naive_videos),
+             args.projectors)
+        return
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -269,7 +314,7 @@ def main() -> None:
     torch.manual_seed(0)
     started = time.perf_counter()
     encoder, llm = build_parts(shapes, device, dtype)
-    print(f"device {name}; {dtype}; LLM {sum(p.numel() for p in llm.parameters()) / 1e9:.2f}B params, "
+    print(f"device {name}; {dtype}; LLM {sum(p.numel() for p in llm.parameters()) / 1e6:,.1f}M params, "
           f"{shapes.layers} layers x {shapes.hidden}; vision {encoder.tokens_per_frame} tokens/frame x "
           f"{shapes.frames} frames, width {encoder.width}; batch {shapes.batch}, {shapes.new_tokens} new tokens; "
           f"peak {peak or '?'} TFLOP/s, HBM {bandwidth or '?'} TB/s; built in {time.perf_counter() - started:.1f} s",

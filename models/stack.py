@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,18 +94,6 @@ def load_llm(path: Path, device: torch.device, dtype: torch.dtype):
 
 
 @dataclass
-class Prepared:
-    """One video's frames already turned into model inputs (``CaptionStack.prepare``), so that a server can
-    resize and normalize on a request's own thread while the model thread runs another batch."""
-    pixels: torch.Tensor                 # (T, 3, S, S) for the captioner's vision tower, stack dtype
-    scorer_pixels: torch.Tensor | None   # (T, 3, S', S') for a scorer with its own tower; None otherwise
-
-    @property
-    def num_frames(self) -> int:
-        return int(self.pixels.shape[0])
-
-
-@dataclass
 class CaptionOutput:
     caption: str
     token_ids: list[int]           # generated ids (EOS excluded); len() is the token count
@@ -145,46 +132,26 @@ class CaptionStack:
         return 2 * max(sizes)
 
     def pixels(self, videos: list[np.ndarray], preprocess: nn.Module) -> torch.Tensor:
+        """(sum T, 3, S, S) model inputs of a batch: one resize call when all frames share a size, else
+        video by video (the same pixels either way: the resize works frame by frame)."""
+        if len({v.shape[1:] for v in videos}) > 1:
+            return torch.cat([self.pixels([v], preprocess) for v in videos])
         frames = torch.cat([frames_to_tensor(v) for v in videos]).to(self.device)   # (sum T, H, W, 3)
         return preprocess(frames).to(self.dtype)                                   # (sum T, 3, S, S)
 
     @torch.inference_mode()
-    def prepare(self, frames: np.ndarray) -> Prepared:
-        """(T, H, W, 3) uint8 frames -> the pixels ``caption`` would compute for them (bit for bit).
-
-        Any thread may call it; ``caption`` then skips the resize and normalization, and a batch may
-        mix videos of different frame sizes (each is resized on its own).
-        """
-        scorer = self.pixels([frames], self.scorer_preprocess) if self.scorer_preprocess is not None else None
-        return Prepared(self.pixels([frames], self.captioner.encoder.preprocess), scorer)
-
-    def _inputs(self, videos: list[np.ndarray | Prepared]) -> tuple[torch.Tensor, Callable[[], torch.Tensor]]:
-        """Captioner pixels (sum T, 3, S, S) and a thunk for the scorer's own pixels (only called when needed).
-
-        Raw frame arrays of one frame size: one resize call for the whole batch. Otherwise each raw video
-        is prepared on its own and the prepared pixels are concatenated.
-        """
-        if not any(isinstance(v, Prepared) for v in videos) and len({v.shape[1:] for v in videos}) == 1:
-            return (self.pixels(videos, self.captioner.encoder.preprocess),
-                    lambda: self.pixels(videos, self.scorer_preprocess))
-        prepared = [v if isinstance(v, Prepared) else self.prepare(v) for v in videos]
-        return (torch.cat([p.pixels for p in prepared]).to(self.device),
-                lambda: torch.cat([p.scorer_pixels for p in prepared]).to(self.device))
-
-    @torch.inference_mode()
-    def caption(self, videos: list[np.ndarray | Prepared], max_new_tokens: list[int] | None = None,
+    def caption(self, videos: list[np.ndarray], max_new_tokens: list[int] | None = None,
                 generation: GenerationConfig | None = None, score: bool = True):
-        """Caption a batch of videos given as (T, H, W, 3) uint8 frame arrays or ``prepare``d pixels.
+        """Caption a batch of videos given as (T, H, W, 3) uint8 frame arrays.
 
         Returns (outputs, seconds per stage {"encode", "generate", "score"}); the stages are for the
-        whole batch ("encode" leaves out what ``prepare`` did beforehand). Frame counts and frame sizes
-        may differ between videos.
+        whole batch. Frame counts and frame sizes may differ between videos.
         """
         gen = generation or self.config.generation
-        counts = [v.num_frames if isinstance(v, Prepared) else int(v.shape[0]) for v in videos]
+        counts = [int(v.shape[0]) for v in videos]
         want_pooled = score and self.scorer is not None and self.scorer_preprocess is None
         t0 = time.perf_counter()
-        pixels, scorer_pixels = self._inputs(videos)
+        pixels = self.pixels(videos, self.captioner.encoder.preprocess)
         blocks = self.captioner.visual_tokens(pixels, counts, pooled=want_pooled)
         blocks, image_emb = blocks if want_pooled else (blocks, None)
         visual = self.captioner.project(blocks)
@@ -194,7 +161,7 @@ class CaptionStack:
         scores = text_emb = video_emb = None
         if score and self.scorer is not None:
             if image_emb is None:
-                image_emb = self.scorer.image_features(scorer_pixels())
+                image_emb = self.scorer.image_features(self.pixels(videos, self.scorer_preprocess))
             video_emb = self.scorer.video_embeddings(image_emb, counts)
             text_emb = self.scorer.text_embeddings([g.text for g in generated])
             scores = self.scorer.scores(text_emb, video_emb).cpu().tolist()

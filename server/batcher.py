@@ -5,24 +5,11 @@
     result = await batcher.submit(job)      # job.key: jobs with equal keys may share a batch
 
 The model thread takes the oldest waiting job, then keeps collecting jobs with the same key
-(checkpoint) until the batch is full, its patience has run out, or nothing is queued and no more
-is expected; jobs for other keys wait for a later batch, in order. ``run_batch(jobs) -> results``
-(one per job, same order) runs on that thread, never on the event loop; its exception fails every
-job of the batch. A full queue raises ``QueueFull`` at once, so overload answers 503 instead of
-piling up.
-
-Follow-up work. ``run_batch`` may return ``Later(finish)`` for a job instead of its result: the job is
-then answered with ``finish()``, called on a second thread (``<name>-after``) in the order the jobs
-were batched, while the model thread already collects and runs the next batch. The caption route
-hands its per-caption guard and metric updates over this way (a few ms per caption).
-
-Waiting for company. A model call has a large fixed cost (every decode step runs once for the whole
-batch, however many rows it has), so a half-empty batch wastes most of a call. More jobs are
-expected when ``expect_more()`` says some are on their way (uploading, decoding), or when the batch
-in hand is smaller than the recent ones: clients that were just answered tend to come back, but they
-are not on their way yet when the next batch starts. Patience, counted from the first job, is
-``max_wait_s`` or ``max_wait_share`` of the recent model calls' duration, whichever is longer. A lone
-client (recent batches of one, nothing on its way) never waits.
+(checkpoint) until the batch is full, ``max_wait_s`` has passed since it started waiting, or nothing
+is queued and ``expect_more()`` says no more is coming; jobs for other keys wait for a later batch,
+in order. ``run_batch(jobs) -> results`` (one per job, same
+order) runs on that thread, never on the event loop; its exception fails every job of the batch.
+A full queue raises ``QueueFull`` at once, so overload answers 503 instead of piling up.
 """
 
 from __future__ import annotations
@@ -34,7 +21,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,12 +33,6 @@ class QueueFull(Exception):
 
 class _Stop(Exception):
     """stop() was called: the model thread ends after the batch in hand."""
-
-
-@dataclass
-class Later:
-    """A job's result that is finished off the model thread: the job is answered with ``finish()``."""
-    finish: Callable[[], Any]         # runs on the follow-up thread, in batch order; may raise
 
 
 @dataclass
@@ -83,14 +63,9 @@ def _answer(pending: _Pending, result: Any = None, error: BaseException | None =
 class Batcher:
     def __init__(self, run_batch: Callable[[list[Any]], list[Any]], max_batch_size: int, max_wait_s: float,
                  queue_size: int, on_batch: Callable[[int], None] | None = None,
-                 expect_more: Callable[[], bool] | None = None, name: str = "capguard-model",
-                 max_wait_share: float = 0.25):
+                 expect_more: Callable[[], bool] | None = None, name: str = "capguard-model"):
         self.run_batch = run_batch
         self.max_batch_size, self.max_wait_s = max_batch_size, max_wait_s
-        # patience for jobs on their way, as a share of a recent model call (module docstring); 0 = off
-        self.max_wait_share = max_wait_share
-        self.recent_run_s = 0.0   # moving average of run_batch's duration (model thread only)
-        self.recent_size = 0.0    # moving average of batch sizes: a smaller batch expects company
         self.on_batch = on_batch or (lambda size: None)
         # whether more jobs are on their way (requests still uploading or decoding): when it says no and
         # nothing is queued, the batch starts at once instead of waiting out max_wait_s for nobody
@@ -98,7 +73,6 @@ class Batcher:
         self._queue: queue.Queue[_Pending | None] = queue.Queue(maxsize=queue_size)
         self._held: deque[_Pending] = deque()   # taken from the queue for another key; served first next time
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._after = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-after")   # Later.finish, in order
         self._stopping = False
 
     def start(self) -> None:
@@ -131,7 +105,6 @@ class Batcher:
             pass
         if self._thread.ident is not None:   # started
             self._thread.join(timeout=timeout_s)
-        self._after.shutdown(wait=True)      # the follow-ups of the batches that ran
         leftovers = list(self._held)
         while True:
             try:
@@ -164,14 +137,14 @@ class Batcher:
         except _Stop:
             return [], True
         batch, skipped, stop = [first], [], False
-        deadline = time.perf_counter() + self.patience_s()
+        deadline = time.perf_counter() + self.max_wait_s
         held_before = len(self._held)   # held jobs are looked at once each, without waiting
         while len(batch) < self.max_batch_size:
             if held_before > 0:
                 held_before -= 1
                 item = self._held.popleft()
             else:
-                wait = deadline - time.perf_counter() if self._company_expected(len(batch)) else 0.0
+                wait = deadline - time.perf_counter() if self.expect_more() else 0.0
                 try:
                     item = self._next(wait)
                 except _Stop:
@@ -190,20 +163,8 @@ class Batcher:
             if batch:
                 self._run(batch)
 
-    def _company_expected(self, size: int) -> bool:
-        """Whether a batch of `size` should wait for more (module docstring)."""
-        return size + 1 <= self.recent_size or self.expect_more()
-
-    def patience_s(self) -> float:
-        """How long a new batch may wait for company, from its first job (module docstring).
-
-        Example: max_wait_s=0.01, max_wait_share=0.25, recent calls of 0.2 s -> 0.05.
-        """
-        return max(self.max_wait_s, self.max_wait_share * self.recent_run_s)
-
     def _run(self, batch: list[_Pending]) -> None:
         self.on_batch(len(batch))
-        started = time.perf_counter()
         try:
             results = self.run_batch([p.job for p in batch])
             if len(results) != len(batch):
@@ -213,32 +174,5 @@ class Batcher:
             for p in batch:
                 _answer(p, error=exc)
             return
-        finally:
-            self._remember(time.perf_counter() - started, len(batch))
         for p, result in zip(batch, results, strict=True):
-            if isinstance(result, Later):
-                try:
-                    self._after.submit(self._finish, p, result)
-                except RuntimeError:   # stop() timed out on this batch and shut the follow-up thread down
-                    _answer(p, error=QueueFull("the server is shutting down"))
-            else:
-                _answer(p, result)
-
-    @staticmethod
-    def _finish(pending: _Pending, later: Later) -> None:
-        try:
-            result = later.finish()
-        except BaseException as exc:  # noqa: BLE001 - this job gets the error; the thread lives on
-            log.exception("follow-up of a batched job failed")
-            _answer(pending, error=exc)
-            return
-        _answer(pending, result)
-
-    def _remember(self, seconds: float, size: int) -> None:
-        """Fold one call into the moving averages; a short memory (weight 1/4 per call) follows a change
-        of checkpoint or of traffic within a few calls."""
-        if self.recent_run_s == 0.0:
-            self.recent_run_s, self.recent_size = seconds, float(size)
-        else:
-            self.recent_run_s = 0.75 * self.recent_run_s + 0.25 * seconds
-            self.recent_size = 0.75 * self.recent_size + 0.25 * size
+            _answer(p, result)

@@ -48,6 +48,17 @@ def test_gpu_bench_tiny_prints_one_row_per_projector():
     assert [int(r[1]) for r in rows] == [32, 32, 8]
 
 
+def test_gpu_bench_plan_has_the_field_report_shapes():
+    """--plan builds the full stack on the meta device (no memory, no GPU): LLaMA-2-7B-sized, 576 patches
+    per frame, 8 frames = 4608 visual tokens (+ BOS and the newline), 64 C-Abstractor queries."""
+    stdout = run("gpu_bench.py", "--plan")
+    assert stdout.startswith("LLM 6.738B params")
+    assert "8 frames x 577 tokens" in stdout
+    rows = {r[0]: r for r in table_rows(stdout, "projector")}
+    assert [rows[k][2] for k in ("linear", "mlp2x_gelu", "c-abstractor")] == ["4610", "4610", "66"]
+    assert float(rows["linear"][3]) == pytest.approx(65.3, abs=0.1)   # prefill TFLOP per video
+
+
 def test_bench_decode_quick_checks_every_backend(tmp_path):
     stdout = run("bench_decode.py", "--quick", "--repeats", "1", "--video-dir", str(tmp_path))
     rows = table_rows(stdout, "video")

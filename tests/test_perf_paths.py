@@ -1,11 +1,9 @@
-"""The throughput changes keep behaviour: exact preprocessing, prepared inputs, prompt cache, batch patience."""
+"""The throughput changes keep behaviour: exact preprocessing, mixed frame sizes in a batch, prompt cache."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -16,8 +14,7 @@ from fastapi.testclient import TestClient
 
 from models.components import init_checkpoint
 from models.encoder import FramePreprocessor
-from models.stack import Prepared, load_stack
-from server.batcher import Batcher, Later
+from models.stack import load_stack
 
 
 def reference_preprocess(pre: FramePreprocessor, frames: torch.Tensor) -> torch.Tensor:
@@ -82,32 +79,16 @@ def clips(seed: int, sizes) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("scorer", ["shared", "own"])
-def test_prepared_inputs_caption_exactly_like_raw_frames(stack_dirs, scorer):
+def test_a_batch_may_mix_frame_sizes_and_counts(stack_dirs, scorer):
+    """Frames of different sizes once failed the whole batch (one resize call for all of them)."""
     stack = sensitized(stack_dirs[scorer])
     assert (stack.scorer_preprocess is None) == (scorer == "shared")
-    videos = clips(1, [(8, 40, 56)] * 3)
-    raw, _ = stack.caption(videos, max_new_tokens=[8, 8, 8])
-    prepared = [stack.prepare(v) for v in videos]
-    assert all(isinstance(p, Prepared) and p.num_frames == 8 for p in prepared)
-    assert (prepared[0].scorer_pixels is None) == (scorer == "shared")
-    fast, _ = stack.caption(prepared, max_new_tokens=[8, 8, 8])
-    assert [o.token_ids for o in fast] == [o.token_ids for o in raw]
-    assert len({tuple(o.token_ids) for o in raw}) > 1        # the videos really differ
-    assert [o.score for o in fast] == [o.score for o in raw]
-    for a, b in zip(fast, raw, strict=True):
-        np.testing.assert_array_equal(a.video_emb, b.video_emb)
-
-
-def test_a_batch_may_mix_frame_sizes_and_counts(stack_dirs):
-    """Raw frames of different sizes once failed the whole batch (one resize call for all of them)."""
-    stack = sensitized(stack_dirs["own"])
     videos = clips(2, [(8, 40, 56), (8, 48, 48), (3, 72, 128)])
-    mixed = [videos[0], stack.prepare(videos[1]), videos[2]]
-    for batch in (videos, mixed):
-        together, _ = stack.caption(batch, max_new_tokens=[6, 6, 6])
-        alone = [stack.caption([v], max_new_tokens=[6])[0][0] for v in videos]
-        assert [o.token_ids for o in together] == [o.token_ids for o in alone]
-        assert [o.score for o in together] == pytest.approx([o.score for o in alone], abs=1e-5)
+    together, _ = stack.caption(videos, max_new_tokens=[6, 6, 6])
+    alone = [stack.caption([v], max_new_tokens=[6])[0][0] for v in videos]
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+    assert len({tuple(o.token_ids) for o in together}) > 1   # the videos really differ
+    assert [o.score for o in together] == pytest.approx([o.score for o in alone], abs=1e-5)
 
 
 def test_prompt_embeddings_are_cached_at_inference_only(stack_dirs):
@@ -125,93 +106,13 @@ def test_prompt_embeddings_are_cached_at_inference_only(stack_dirs):
     assert trained[0].requires_grad and trained[0] is not after[0]
 
 
-def run_jobs(batcher: Batcher, delays_s: list[float]) -> list[str]:
-    """Submit job i after delays_s[i] seconds (from the start); results in submission order."""
-    async def main():
-        batcher.start()
-        try:
-            async def one(i, delay):
-                await asyncio.sleep(delay)
-                return await batcher.submit(f"job{i}", "k")
-            return await asyncio.gather(*(one(i, d) for i, d in enumerate(delays_s)))
-        finally:
-            batcher.stop()
-    return asyncio.run(main())
-
-
-def test_a_batch_smaller_than_the_recent_ones_waits_for_company():
-    batches = []
-
-    def run_batch(jobs):
-        batches.append(list(jobs))
-        time.sleep(0.4)   # a model call: the recent ones took 0.4 s, patience 0.25 * 0.4 = 0.1 s
-        return jobs
-
-    batcher = Batcher(run_batch, max_batch_size=4, max_wait_s=0.0, queue_size=16, expect_more=lambda: False)
-    batcher._remember(0.4, 4)          # busy history: batches of 4
-    assert batcher.patience_s() == pytest.approx(0.1)
-    run_jobs(batcher, [0.0, 0.05])
-    assert batches == [["job0", "job1"]]   # job1 came 50 ms later, nobody announced it, it still joined
-
-
-def test_a_lone_client_never_waits():
-    batches = []
-    batcher = Batcher(lambda jobs: batches.append(list(jobs)) or jobs, max_batch_size=4, max_wait_s=0.0,
-                      queue_size=16, expect_more=lambda: False)
-    batcher._remember(0.4, 1)          # lone-client history: batches of 1, patience 0.1 s
-    run_jobs(batcher, [0.0, 0.05])
-    assert batches == [["job0"], ["job1"]]
-
-
-def test_follow_ups_run_off_the_model_thread_in_order_and_fail_alone():
-    import threading
-
-    finished, model_calls = [], []
-    slow_follow_up = threading.Event()
-
-    def finish(job):
-        if job == "job0" and not slow_follow_up.wait(5):   # set by the model thread's next batch
-            raise AssertionError("the model thread waited for a follow-up before its next batch")
-        if job == "job2":
-            raise ValueError("guard exploded")
-        finished.append((job, threading.current_thread().name))
-        return job.upper()
-
-    def run_batch(jobs):
-        model_calls.append(list(jobs))
-        if len(model_calls) == 2:
-            slow_follow_up.set()                # reached only if batch 2 ran while job0's follow-up waited
-        return [Later(lambda job=job: finish(job)) for job in jobs]
-
-    batcher = Batcher(run_batch, max_batch_size=2, max_wait_s=0.0, queue_size=16, expect_more=lambda: False,
-                      name="model")
-
-    async def main():
-        batcher.start()
-        try:
-            first = asyncio.gather(batcher.submit("job0", "k"), batcher.submit("job1", "k"))
-            await asyncio.sleep(0.05)
-            second = asyncio.gather(batcher.submit("job2", "k"), batcher.submit("job3", "k"),
-                                    return_exceptions=True)
-            return await first, await second
-        finally:
-            batcher.stop()
-
-    first, second = asyncio.run(main())
-    assert first == ["JOB0", "JOB1"]
-    assert isinstance(second[0], ValueError) and second[1] == "JOB3"
-    assert [job for job, _ in finished] == ["job0", "job1", "job3"]          # batch order
-    assert {thread for _, thread in finished} == {"model-after_0"}
-    assert len(model_calls) == 2
-
-
 def test_the_server_batches_uploads_of_different_frame_sizes_together(server_settings, tmp_path):
     from videomaker import make_video
 
     from server.app import create_app
 
     paths = [make_video(tmp_path / f"v{i}.mp4", num_frames=12, size=size)
-             for i, size in enumerate([(64, 48), (48, 64), (96, 54), (64, 48)])]
+             for i, size in enumerate([(64, 48), (48, 64), (96, 54), (80, 80)])]   # four aspect ratios
 
     def post(client, path):
         with open(path, "rb") as f:
@@ -225,5 +126,4 @@ def test_the_server_batches_uploads_of_different_frame_sizes_together(server_set
     assert [r.status_code for r in responses] == [200] * 4, [r.text for r in responses]
     count = next(float(line.split()[-1]) for line in metrics.splitlines()
                  if line.startswith("capguard_batch_size_count"))
-    assert count < 4                   # some of the differently sized uploads shared a batch
-    assert all(r.json()["timings_ms"]["encode"] > 0 for r in responses)
+    assert count < 4                   # at least two differently sized uploads shared a batch

@@ -1,26 +1,22 @@
 """POST /caption: upload -> decoder process -> batched model call -> caption log -> guard -> answer.
 
 The route itself only waits: the body streams to a temp file (routes/upload.py), frames come from
-a decoder process (server/decode.py), are resized and normalized into model inputs on a worker thread
-(``CaptionStack.prepare``, while the model thread runs another batch), and ``run_batch`` below runs on
-the model thread for a whole batch (server/batcher.py): one stack.caption call and one committed write
-to the caption log; the guard and the metrics follow on the batcher's follow-up thread while the model
-thread starts the next batch. The answer leaves only after its caption is committed and observed.
-A response's ``encode`` timing is its own preparation plus its batch's encode stage.
+a decoder process (server/decode.py), and ``run_batch`` below runs on the model thread for a whole
+batch (server/batcher.py): one stack.caption call, one committed write to the caption log, then the
+guard and the metrics. The answer leaves only after its caption is committed.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import functools
 import logging
 import time
 
+import numpy as np
 from fastapi import APIRouter, Request
 
-from models.stack import CaptionOutput, CaptionStack, Prepared
-from server.batcher import Later, QueueFull
+from models.stack import CaptionOutput, CaptionStack
+from server.batcher import QueueFull
 from server.decode import DecodeFailed
 from server.deps import AppState, State
 from server.errors import ApiError, unavailable, video_error
@@ -48,7 +44,7 @@ COLLAPSED_RETRY_AFTER_S = 300   # a rejected collapsed checkpoint stays so until
 class CaptionJob:
     checkpoint: str              # name: the batch key, the guard and the log row
     stack: CaptionStack          # chosen (and loaded) on the event loop, so the model thread never loads
-    inputs: Prepared             # the decoder's frames as model inputs (prepared off the model thread)
+    frames: np.ndarray           # (T, H, W, 3) uint8 from the decoder process
     max_new_tokens: int          # this request's own limit; a batch mixes limits
     video_sha256: str            # the guard counts distinct videos by it
     decode_ms: float             # kept in the log row's timings
@@ -61,15 +57,10 @@ class CaptionResult:
     stages_ms: dict[str, float]  # encode/generate/score of the whole batch this video was in
 
 
-def run_batch(state: AppState, jobs: list[CaptionJob]) -> list[Later]:
-    """Caption one batch (same checkpoint) on the model thread and commit it to the log.
-
-    Each caption's guard observation and metric updates run after that on the batcher's follow-up
-    thread (``Later``, in batch order, so the guard sees captions in log order), while the model
-    thread starts the next batch.
-    """
+def run_batch(state: AppState, jobs: list[CaptionJob]) -> list[CaptionResult]:
+    """Caption one batch (same checkpoint) on the model thread; commit to the log; feed the guard."""
     name, stack = jobs[0].checkpoint, jobs[0].stack
-    outputs, stages = stack.caption([job.inputs for job in jobs],
+    outputs, stages = stack.caption([job.frames for job in jobs],
                                     max_new_tokens=[job.max_new_tokens for job in jobs])
     stages_ms = {stage: round(seconds * 1000, 3) for stage, seconds in stages.items()}
     state.storage.append([
@@ -77,21 +68,19 @@ def run_batch(state: AppState, jobs: list[CaptionJob]) -> list[Later]:
                       caption=out.caption, num_tokens=out.num_tokens, siglip=out.score, text_emb=out.text_emb,
                       video_emb=out.video_emb, timings_ms={"decode": job.decode_ms, **stages_ms, "batch": len(jobs)})
         for job, out in zip(jobs, outputs, strict=True)])
+    guard = state.guards.get(name)
+    states = [_observe(guard, job, out) for job, out in zip(jobs, outputs, strict=True)]
+
+    metrics = state.metrics
     for stage, seconds in stages.items():
-        state.metrics.stage_seconds.labels(stage).observe(seconds)
-    return [Later(functools.partial(_finish, state, job, out, stages_ms)) for job, out in zip(jobs, outputs, strict=True)]
-
-
-def _finish(state: AppState, job: CaptionJob, out: CaptionOutput, stages_ms: dict[str, float]) -> CaptionResult:
-    """Feed one committed caption to its checkpoint's guard and the metrics (follow-up thread)."""
-    name, metrics = job.checkpoint, state.metrics
-    guard_state = _observe(state.guards.get(name), job, out)
-    metrics.captions.labels(name).inc()
-    metrics.tokens.labels(name).inc(out.num_tokens)
-    if out.score is not None:
-        metrics.siglip.labels(name).observe(out.score)
-    metrics.observe_guard(name, guard_state)
-    return CaptionResult(out, guard_state, stages_ms)
+        metrics.stage_seconds.labels(stage).observe(seconds)
+    for out, guard_state in zip(outputs, states, strict=True):
+        metrics.captions.labels(name).inc()
+        metrics.tokens.labels(name).inc(out.num_tokens)
+        if out.score is not None:
+            metrics.siglip.labels(name).observe(out.score)
+        metrics.observe_guard(name, guard_state)
+    return [CaptionResult(out, guard_state, stages_ms) for out, guard_state in zip(outputs, states, strict=True)]
 
 
 def _observe(guard, job: CaptionJob, out: CaptionOutput) -> GuardState:
@@ -167,16 +156,15 @@ async def caption(request: Request, state: State) -> CaptionResponse:
                 raise video_error(exc.code, str(exc)) from None
         finally:
             upload.remove()   # the frames are in memory now
-        inputs, prepare_s = await asyncio.to_thread(_prepare, stack, video.frames)
     finally:
         state.preparing -= 1
     state.metrics.stage_seconds.labels("decode").observe(video.seconds)
     decode_ms = round(video.seconds * 1000, 3)
-    job = CaptionJob(name, stack, inputs, options.max_new_tokens or stack.config.generation.max_new_tokens,
+    job = CaptionJob(name, stack, video.frames, options.max_new_tokens or stack.config.generation.max_new_tokens,
                      upload.sha256, decode_ms)
     try:
-        # one batch = one checkpoint, whatever the frame sizes: each video was resized on its own (a 4:3
-        # and a 16:9 upload once shared a resize call in the batch, which failed both with a 500)
+        # one batch = one checkpoint, whatever the frame sizes (stack.caption resizes a batch of mixed
+        # sizes video by video: a 4:3 and a 16:9 upload in one batch once failed both with a 500)
         result: CaptionResult = await state.batcher.submit(job, key=name)
     except QueueFull as exc:
         raise unavailable("queue_full", f"the server is at capacity ({exc}); retry shortly") from None
@@ -186,11 +174,4 @@ async def caption(request: Request, state: State) -> CaptionResponse:
         frames=FramesInfo(count=len(video.indices), indices=video.indices, timestamps_s=video.timestamps_s),
         scores=Scores(siglip=out.score), guard=result.guard.to_dict(),
         timings_ms=Timings(decode=decode_ms, total=round((time.perf_counter() - started) * 1000, 3),
-                           encode=round(prepare_s * 1000 + result.stages_ms.get("encode", 0.0), 3),
-                           **{k: result.stages_ms.get(k, 0.0) for k in ("generate", "score")}))
-
-
-def _prepare(stack: CaptionStack, frames) -> tuple[Prepared, float]:
-    """stack.prepare on a worker thread (torch releases the GIL while it resizes); returns it and its seconds."""
-    started = time.perf_counter()
-    return stack.prepare(frames), time.perf_counter() - started
+                           **{k: result.stages_ms.get(k, 0.0) for k in ("encode", "generate", "score")}))
