@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fastapi.testclient import TestClient
+from test_stack import sensitize
 
 from models.components import init_checkpoint
 from models.encoder import FramePreprocessor
@@ -61,16 +62,8 @@ def stack_dirs(tmp_path_factory):
 
 
 def sensitized(directory):
-    """Widen random-init weights so each video gets its own tokens (see tests/test_stack.py)."""
-    stack = load_stack(directory, device="cpu")
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in stack.captioner.projector.parameters():
-            p.normal_(0, 0.3)
-        for p in stack.captioner.llm.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.2)
-    return stack
+    """A stack whose random-init weights are widened so each video gets its own tokens."""
+    return sensitize(load_stack(directory, device="cpu"))
 
 
 def clips(seed: int, sizes) -> list[np.ndarray]:
