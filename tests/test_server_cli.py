@@ -40,17 +40,22 @@ def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout_s: float 
     raise AssertionError(f"capguard serve was not ready within {timeout_s} s")
 
 
+def start_serve(checkpoint: str, data_dir: Path, log: Path, **env: str) -> tuple[str, subprocess.Popen]:
+    """`capguard serve --checkpoint CHECKPOINT` on a free port (CPU, one decoder, data in data_dir, output in
+    log); extra CAPGUARD_* variables as keywords. Returns (url, process); callers wait_ready and stop it."""
+    port = free_port()
+    full_env = {**os.environ, "CAPGUARD_DATA_DIR": str(data_dir), "CAPGUARD_DEVICE": "cpu",
+                "CAPGUARD_DECODE_WORKERS": "1", "HF_HUB_OFFLINE": "1", **env}
+    with log.open("wb") as log_file:
+        process = subprocess.Popen([*capguard_command(), "serve", "--port", str(port), "--checkpoint", checkpoint],
+                                   env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
+    return f"http://127.0.0.1:{port}", process
+
+
 @pytest.mark.slow
 def test_serve_answers_a_real_upload_and_its_caption_survives_kill_9(checkpoints_root, video_files, tmp_path):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "CAPGUARD_DATA_DIR": str(tmp_path / "data"), "CAPGUARD_DEVICE": "cpu",
-           "CAPGUARD_DECODE_WORKERS": "1", "HF_HUB_OFFLINE": "1"}
     server_log = tmp_path / "serve.log"
-    with server_log.open("wb") as log_file:
-        process = subprocess.Popen([*capguard_command(), "serve", "--port", str(port),
-                                    "--checkpoint", str(checkpoints_root / "demo")],
-                                   env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    url, process = start_serve(str(checkpoints_root / "demo"), tmp_path / "data", server_log)
     try:
         wait_ready(url, process, server_log)
         clip = video_files[4]

@@ -5,7 +5,6 @@ is never flagged; the collapsed checkpoint is flagged within 50 videos, in the r
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -127,20 +126,14 @@ def test_collapsed_checkpoint_is_flagged_before_50_videos(server_settings):
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("prometheus") is None, reason="Debian's prometheus is not installed (.ci/run installs it)")
 def test_real_prometheus_sees_the_collapse(tmp_path):
-    from test_server_cli import capguard_command, free_port, wait_ready
+    from test_server_cli import free_port, start_serve, wait_ready
 
-    port, prom_port = free_port(), free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "CAPGUARD_DATA_DIR": str(tmp_path / "data"), "CAPGUARD_DEVICE": "cpu",
-           "CAPGUARD_DECODE_WORKERS": "1", "HF_HUB_OFFLINE": "1", "CAPGUARD_CHECKPOINTS_ROOT": str(CHECKPOINTS)}
+    server_log, prom_log = tmp_path / "serve.log", tmp_path / "prometheus.log"
+    url, server = start_serve("collapsed", tmp_path / "data", server_log, CAPGUARD_CHECKPOINTS_ROOT=str(CHECKPOINTS))
+    port, prom_port = url.rsplit(":", 1)[1], free_port()
     (tmp_path / "prometheus.yml").write_text(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
         f"scrape_configs: [{{job_name: capguard, static_configs: [{{targets: ['127.0.0.1:{port}']}}]}}]\n")
-    server_log, prom_log = tmp_path / "serve.log", tmp_path / "prometheus.log"
-    with server_log.open("wb") as out:
-        server = subprocess.Popen([*capguard_command(), "serve", "--port", str(port), "--checkpoint", "collapsed"],
-                                  env=env,
-                                  stdout=out, stderr=subprocess.STDOUT)
     with prom_log.open("wb") as out:
         prometheus = subprocess.Popen(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
                                        f"--storage.tsdb.path={tmp_path / 'tsdb'}",

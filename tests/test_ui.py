@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from test_server_cli import capguard_command, free_port, wait_ready
+from test_server_cli import start_serve, wait_ready
 
 from server.app import create_app
 from server.errors import ApiError
@@ -151,14 +151,8 @@ def served(checkpoints_root, tmp_path_factory):
     """A `capguard serve` process on a free port: (url, data_dir)."""
     tmp = tmp_path_factory.mktemp("ui-serve")
     checkpoint = os.environ.get("CAPGUARD_UI_CHECKPOINT") or str(checkpoints_root / "demo")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "CAPGUARD_DATA_DIR": str(tmp / "data"), "CAPGUARD_DEVICE": "cpu",
-           "CAPGUARD_DECODE_WORKERS": "1", "HF_HUB_OFFLINE": "1"}
     log = tmp / "serve.log"
-    with log.open("wb") as log_file:
-        process = subprocess.Popen([*capguard_command(), "serve", "--port", str(port), "--checkpoint", checkpoint],
-                                   env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    url, process = start_serve(checkpoint, tmp / "data", log)
     try:
         wait_ready(url, process, log)
         yield url, tmp / "data"
