@@ -126,10 +126,14 @@ def repeat_probability(captions: Sequence[str]) -> float:
     ["a", "a", "a"] -> 1.0.
     """
     keys = _keys(captions)
-    if not keys:
+    return _repeat_probability(Counter(keys), len(keys))
+
+
+def _repeat_probability(counts: Counter, n: int) -> float:
+    """1 - f1 / n from the key counts of n captions (nan when n == 0)."""
+    if not n:
         return NAN
-    f1 = sum(1 for count in Counter(keys).values() if count == 1)
-    return 1.0 - f1 / len(keys)
+    return 1.0 - sum(1 for count in counts.values() if count == 1) / n
 
 
 def distinct_n(captions: Sequence[str], n: int, unit: str = "syllable") -> float:
@@ -184,6 +188,7 @@ _LENGTH_SLICE = 32    # keys per length-sorted slice of a block
 # Similarities are fractions (0.9 = 18/20) that float rounding can put a hair under the threshold (rapidfuzz's
 # own score_cutoff drops 34/40 at 0.85), so "sim >= threshold" is tested as sim >= threshold - _SIM_SLACK.
 _SIM_SLACK = 1e-9
+_PARALLEL_PAIRS = 50_000  # cdist uses all cores from this many pairs up
 
 
 def _similarity_matrix(queries: list[str], choices: list[str], threshold: float) -> np.ndarray:
@@ -191,8 +196,10 @@ def _similarity_matrix(queries: list[str], choices: list[str], threshold: float)
     if not queries or not choices:
         return np.zeros((len(queries), len(choices)))
     # the cutoff only lets rapidfuzz skip hopeless pairs; its own float test is too strict at the boundary
+    # one thread for small matrices: starting the pool costs more than a (1, 100) matrix (0.2 ms vs 20 us)
+    workers = -1 if len(queries) * len(choices) >= _PARALLEL_PAIRS else 1
     return process.cdist(queries, choices, scorer=Indel.normalized_similarity,
-                         score_cutoff=max(threshold - 1e-6, 0.0), dtype=np.float64, workers=-1)
+                         score_cutoff=max(threshold - 1e-6, 0.0), dtype=np.float64, workers=workers)
 
 
 def _best_leaders(block: list[str], leader_keys: np.ndarray, leader_lens: np.ndarray,
@@ -264,6 +271,89 @@ def _check_threshold(threshold: float) -> None:
         raise ValueError(f"near-duplicate threshold must be in (0, 1], got {threshold}; 0.9 is the default")
 
 
+class SimilarityCache:
+    """Pairwise similarities of a changing set of distinct caption keys, for clustering a rolling window.
+
+    ``cluster_near_duplicates`` over a window of n captions scores O(n x leaders) pairs every time; a live
+    window changes by one caption per observation, so almost all of those pairs were scored last time.
+    ``sync(keys)`` drops the keys that left and scores only the new keys against the rest (one
+    (new, all) ``cdist``), and ``_cached_leader_clusters`` reads the stored matrix. The clusters are the
+    same as the uncached path's (same scorer, same values, same ties; tested on random windows).
+
+    Memory: a dense float64 matrix over the distinct keys (grown by doubling), 8 * k^2 bytes: 80 KB at 100,
+    32 MB at 2,000. Meant for windows up to a few thousand; larger windows should recompute rarely and
+    cluster without a cache (the guard does, see ``server/guard.py``).
+    """
+
+    def __init__(self, threshold: float):
+        _check_threshold(threshold)
+        self.threshold = threshold
+        self._slot: dict[str, int] = {}       # key -> its row/column in _sim
+        self._free: list[int] = []            # rows/columns of keys that left, reused first
+        self._sim = np.zeros((0, 0))          # (capacity, capacity) Indel similarity, 0 where below threshold
+
+    def __len__(self) -> int:
+        return len(self._slot)
+
+    def sync(self, keys: Sequence[str]) -> None:
+        """Make the cached set equal the distinct ``keys``: forget the ones that left, score the new ones.
+
+        Example: sync(["ab", "ac"]) scores 1 pair; then sync(["ac", "ad"]) forgets "ab", scores "ad" vs "ac".
+        """
+        current = dict.fromkeys(keys)
+        for key in [k for k in self._slot if k not in current]:
+            self._free.append(self._slot.pop(key))
+        added = [k for k in current if k not in self._slot]
+        if not added:
+            return
+        need = len(self._slot) + len(added)
+        if need > self._sim.shape[0]:
+            capacity = max(need, 2 * self._sim.shape[0], 16)
+            grown = np.zeros((capacity, capacity))
+            old = self._sim.shape[0]
+            grown[:old, :old] = self._sim
+            self._free.extend(range(capacity - 1, old - 1, -1))   # popped from the end: lowest first
+            self._sim = grown
+        for key in added:
+            self._slot[key] = self._free.pop()
+        every = list(self._slot)                                      # (k,) the new keys included
+        rows = np.array([self._slot[k] for k in added])               # (a,)
+        cols = np.array([self._slot[k] for k in every])               # (k,)
+        sim = _similarity_matrix(added, every, self.threshold)        # (a, k)
+        self._sim[np.ix_(rows, cols)] = sim
+        self._sim[np.ix_(cols, rows)] = sim.T
+
+    def submatrix(self, keys: Sequence[str]) -> np.ndarray:
+        """(k, k) similarities among ``keys`` (all of them synced), in their order."""
+        slots = np.array([self._slot[k] for k in keys], dtype=np.int64)
+        return self._sim[np.ix_(slots, slots)]
+
+
+def _cached_leader_clusters(keys: list[str], cache: SimilarityCache) -> list[int]:
+    """``_leader_clusters`` on similarities from a synced cache: same contract, same result.
+
+    Each key (in priority order) joins the most similar earlier leader with sim >= threshold (ties: the
+    lower cluster id, i.e. the earlier leader), else founds a cluster.
+    """
+    sim = cache.submatrix(keys)                                        # (k, k) in priority order
+    rows, cols = np.nonzero(np.tril(sim, -1) >= cache.threshold - _SIM_SLACK)  # row-major: cols ascend per row
+    values = sim[rows, cols].tolist()
+    earlier: list[list[tuple[int, float]]] = [[] for _ in keys]      # row -> [(earlier position, sim)]
+    for r, c, v in zip(rows.tolist(), cols.tolist(), values, strict=True):
+        earlier[r].append((c, v))
+    cluster_at: dict[int, int] = {}                                    # position of a leader -> its cluster id
+    cluster_of = []
+    for r in range(len(keys)):
+        best, best_sim = -1, 0.0
+        for c, v in earlier[r]:
+            if c in cluster_at and v > best_sim:   # ascending c and strict >: ties keep the earlier leader
+                best, best_sim = cluster_at[c], v
+        if best < 0:
+            best = cluster_at[r] = len(cluster_at)
+        cluster_of.append(best)
+    return cluster_of
+
+
 def cluster_near_duplicates(captions: Sequence[str], threshold: float = 0.9) -> list[Mode]:
     """Group captions that are the same up to small edits; modes sorted by count (desc), then first index.
 
@@ -284,25 +374,47 @@ def cluster_near_duplicates(captions: Sequence[str], threshold: float = 0.9) -> 
     ("aaaaaaaaab" is 2 Indel edits from the leader: 1 - 2/20 = 0.9 >= 0.9).
     """
     _check_threshold(threshold)
-    keys = _keys(captions)
+    return _clusters(captions, _keys(captions), threshold)[1]
+
+
+def _clusters(captions: Sequence[str], keys: list[str], threshold: float, cache: SimilarityCache | None = None,
+              top_k: int | None = None) -> tuple[int, list[Mode]]:
+    """(number of clusters, modes): all of them sorted as ``cluster_near_duplicates`` returns, or the first
+    ``top_k`` only (their members and representatives are the costly part of a live window).
+
+    keys: ``caption_key`` of each caption (the guard keeps them). cache: a ``SimilarityCache`` at
+    ``threshold``, synced here to these keys; None scores the pairs afresh.
+    """
     members_of: dict[str, list[int]] = {}
     for i, key in enumerate(keys):
         members_of.setdefault(key, []).append(i)
     # dicts keep first-appearance order and sorted() is stable, so ties stay in order of appearance
     distinct = sorted(members_of, key=lambda k: len(members_of[k]), reverse=True)
-    cluster_of = _leader_clusters(distinct, threshold)
+    if cache is None:
+        cluster_of = _leader_clusters(distinct, threshold)
+    else:
+        if cache.threshold != threshold:
+            raise ValueError(f"the similarity cache is for threshold {cache.threshold}, not {threshold}")
+        cache.sync(distinct)
+        cluster_of = _cached_leader_clusters(distinct, cache)
 
     grouped: dict[int, list[str]] = {}
+    size: dict[int, int] = {}
+    first: dict[int, int] = {}
     for key, cluster in zip(distinct, cluster_of, strict=True):
         grouped.setdefault(cluster, []).append(key)
+        members = members_of[key]
+        size[cluster] = size.get(cluster, 0) + len(members)
+        first[cluster] = min(first.get(cluster, members[0]), members[0])
+    # order: count (desc), then first member, without listing the members of every cluster
+    ranked = [grouped[c] for c in sorted(grouped, key=lambda c: (-size[c], first[c]))]
     modes = []
-    for cluster_keys in grouped.values():
+    for cluster_keys in ranked[:top_k]:
         members = sorted(i for key in cluster_keys for i in members_of[key])
         texts = Counter(captions[i] for i in members)
         representative = max(texts, key=texts.__getitem__)  # first-seen text wins ties
         modes.append(Mode(representative, len(members), len(members) / len(keys), members, len(cluster_keys)))
-    modes.sort(key=lambda m: (-m.count, m.members[0]))
-    return modes
+    return len(grouped), modes
 
 
 def near_unique_ratio(captions: Sequence[str], threshold: float = 0.9) -> float:
@@ -511,8 +623,8 @@ class DiversityReport:
     near_unique_ratio: float         # near_unique / n: collapse onto one-word variants
     top_mode_share: float            # share of the largest cluster
     repeat_probability: float        # Good-Turing chance the next caption repeats a seen one
-    distinct_1: float                # distinct syllables / syllables
-    distinct_2: float                # distinct syllable bigrams / bigrams
+    distinct_1: float | None         # distinct syllables / syllables (None when not computed: the guard)
+    distinct_2: float | None         # distinct syllable bigrams / bigrams
     self_bleu: float | None          # None when not computed (the live guard skips it)
     grounding_r1: float | None       # None without embeddings; nan below 2 captions
     grounding_margin: float | None   # same
@@ -539,37 +651,46 @@ def _finite_or_none(value):
 
 def diversity_report(captions: Sequence[str], text_emb: np.ndarray | None = None,
                      video_emb: np.ndarray | None = None, near_dup_threshold: float = 0.9, top_k: int = 5,
-                     with_self_bleu: bool = True) -> DiversityReport:
+                     with_self_bleu: bool = True, with_distinct_n: bool = True, keys: list[str] | None = None,
+                     cache: SimilarityCache | None = None) -> DiversityReport:
     """All metrics for one set of captions, normalizing and clustering once.
 
     Grounding needs both embeddings (row i = caption i / its video), else its fields are None.
+    For a live window (the guard): ``keys`` = the captions' ``caption_key``s if already known, ``cache`` = a
+    ``SimilarityCache`` kept between calls (only new captions are scored), ``with_self_bleu`` and
+    ``with_distinct_n`` False to skip figures no rule reads (their fields are then None). Same figures.
 
     Example: diversity_report(["a", "a", "b"]) -> n=3, unique=2, unique_ratio=0.667, near_unique=2,
     top_mode_share=0.667, repeat_probability=0.667, modes=[Mode("a", 2, ...), Mode("b", 1, ...)].
     """
     if (text_emb is None) != (video_emb is None):
         raise ValueError("grounding needs both text_emb and video_emb (or neither)")
-    keys = _keys(captions)
+    _check_threshold(near_dup_threshold)
+    if keys is None:
+        keys = _keys(captions)
+    elif len(keys) != len(captions):
+        raise ValueError(f"{len(keys)} keys for {len(captions)} captions; pass caption_key(c) for each caption")
     n = len(keys)
-    modes = cluster_near_duplicates(captions, near_dup_threshold)
     if text_emb is not None and len(text_emb) != n:
         raise ValueError(f"{len(text_emb)} embedding rows for {n} captions; pass one row per caption")
+    clusters, modes = _clusters(captions, keys, near_dup_threshold, cache, top_k)
     r1, margin = grounding(text_emb, video_emb) if text_emb is not None else (None, None)
-    unique = len(set(keys))
+    counts = Counter(keys)
+    unique = len(counts)
     return DiversityReport(
         n=n,
         unique=unique,
         unique_ratio=unique / n if n else NAN,
-        near_unique=len(modes),
-        near_unique_ratio=len(modes) / n if n else NAN,
+        near_unique=clusters,
+        near_unique_ratio=clusters / n if n else NAN,
         top_mode_share=modes[0].share if modes else NAN,
-        repeat_probability=repeat_probability(captions),
-        distinct_1=distinct_n(captions, 1),
-        distinct_2=distinct_n(captions, 2),
+        repeat_probability=_repeat_probability(counts, n),
+        distinct_1=distinct_n(captions, 1) if with_distinct_n else None,
+        distinct_2=distinct_n(captions, 2) if with_distinct_n else None,
         self_bleu=self_bleu(captions) if with_self_bleu else None,
         grounding_r1=r1,
         grounding_margin=margin,
-        modes=modes[:top_k],
+        modes=modes,
         near_dup_threshold=near_dup_threshold,
     )
 
@@ -595,7 +716,7 @@ def tripped_rules(report: DiversityReport, thresholds: GuardThresholds) -> list[
 
 
 __all__ = [
-    "RULES", "DiversityReport", "GuardThresholds", "Mode", "caption_key", "cluster_near_duplicates",
+    "RULES", "DiversityReport", "GuardThresholds", "Mode", "SimilarityCache", "caption_key", "cluster_near_duplicates",
     "distinct_n", "diversity_report", "grounding", "near_unique_ratio", "normalize_caption",
     "repeat_probability", "self_bleu", "top_mode_share", "tripped_rules", "unique_ratio",
 ]

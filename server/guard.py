@@ -33,21 +33,24 @@ Policies (each one a decision; the tests pin them):
 - Restart: ``restore(rows)`` rebuilds the window and the verdict; it equals observing the rows on a fresh
   guard (tested), and costs at most a few full recomputes, however many rows come in (see ``restore``).
 
-Measured cost (``bench/bench_guard.py``; busy 2-core dev CPU, 64-dim embeddings, every caption distinct,
-which is the expensive case for clustering; a collapsed window is 2-4x cheaper):
+Measured cost (``bench/bench_guard.py``, 2026-11-27; 2-core dev CPU, 64-dim embeddings, every caption distinct,
+which is the expensive case for clustering; a collapsed window is cheaper):
 
-    window   recompute_every   full recompute   observe mean       observe p50 / p99   restore(window rows)
-    100      1 (auto)          ~3 ms            ~3.3 ms (0.2 %)    2.6 ms / 6.2 ms     ~30 ms
-    10,000   10,000 (auto)     ~4.5 s           ~0.48 ms (0.03 %)  24 us / 60 us       ~3 s
+    window   recompute_every   full recompute   observe mean   observe p50 / p99    restore(window rows)
+    100      1 (auto)          ~0.5 ms          ~0.47 ms       0.46 ms / 0.61 ms    ~10 ms
+    1,000    100 (auto)        ~20 ms           ~0.22 ms       18 us / 0.29 ms      ~0.12 s
+    10,000   10,000 (auto)     ~1.7 s           ~0.20 ms       21 us / 40 us        ~1.7 s
 
-(percentages: of a ~1.5 s request, one 8-frame video through the tiny init_checkpoint stack on that CPU;
-``state().to_dict()`` costs 60-130 us.) Near-duplicate clustering is quadratic in the number of distinct
-captions (2.5 ms at 100, 140 ms at 1,000, 4-9 s at 10,000 depending on load), so the auto policy
-``recompute_every = ceil((window / 100) ** 2)`` keeps the amortized cost at or below the window-100 figure
-at any size (1,000 -> every 100 -> ~1.4 ms). The price at large windows is staleness of the near-duplicate
-and grounding figures (at 10,000 they refresh once per window turnover) and one model-thread stall of a
-few seconds per recompute; exact collapse is still caught live. Pick a smaller ``recompute_every`` when
-fresher near-duplicate figures are worth more than that.
+Windows up to 2,048 keep a ``SimilarityCache`` (the caption pairs' similarities) between recomputes, so a
+recompute scores only the captions that entered since the last one; at window 100 that made the full
+recompute 6x cheaper (3.1 ms -> 0.5 ms: 1.1 % of a demo-stack request with the metric updates,
+bench/bench_metrics.py), which is what keeps a verdict on fresh figures affordable on every caption.
+Larger windows cluster afresh, quadratic in the number of distinct captions (seconds at 10,000), so the
+auto policy ``recompute_every = ceil((window / 100) ** 2)`` keeps the amortized cost at or below the
+window-100 figure at any size. The price at large windows is staleness of the near-duplicate and grounding
+figures (at 10,000 they refresh once per window turnover) and one model-thread stall of a second or two
+per recompute; exact collapse is still caught live. Pick a smaller ``recompute_every`` when fresher
+near-duplicate figures are worth more than that.
 
 Thread safety: ``observe``, ``restore`` and ``reset`` hold the guard's lock; ``state()`` reads the last
 published ``GuardState`` without it, so a /metrics scrape never waits on a recompute. A published state is
@@ -71,6 +74,7 @@ from models.diversity import (
     RULES,
     DiversityReport,
     GuardThresholds,
+    SimilarityCache,
     caption_key,
     diversity_report,
     grounding,
@@ -80,7 +84,8 @@ from models.diversity import (
 logger = logging.getLogger(__name__)
 
 STATUSES = ("warming_up", "ok", "collapsed")
-_AUTO_WINDOW = 100  # the window whose full recompute per observation is cheap enough (~3 ms); see docstring
+_AUTO_WINDOW = 100  # the window whose full recompute per observation is cheap enough; see docstring
+_CACHE_MAX_WINDOW = 2048  # windows up to this keep pair similarities between recomputes (32 MB at most)
 _blas: ThreadpoolController | None = None  # numpy's BLAS pools, found on first use
 
 
@@ -106,7 +111,7 @@ class GuardSettings:
     min_captions: int = 30   # no verdict below this: 3 repeats among 10 captions is noise, not collapse
     thresholds: GuardThresholds = field(default_factory=GuardThresholds)  # the rules, from models/diversity.py
     # Full metrics every k observations; None = auto, ceil((window / 100) ** 2): 1 at the default window
-    # (~3 ms each), 100 at 1,000, 10,000 at 10,000. The exact-unique rule is live either way.
+    # (~0.5 ms each), 100 at 1,000, 10,000 at 10,000. The exact-unique rule is live either way.
     recompute_every: int | None = None
     # Hysteresis: a tripped rule clears after passing this many consecutive evaluations (observations after
     # warm-up). 10 = a tenth of the default window: long enough that a ratio hovering on its line does not
@@ -291,6 +296,10 @@ class Guard:
         self._observations = 0        # since reset; paces the recomputes
         self._report: DiversityReport | None = None  # last full recompute
         self._report_at = 0           # self._observations when it was computed
+        # caption pair similarities kept between recomputes, so each scores only the captions new since the
+        # last (a dense matrix: small windows only; larger ones recompute rarely and score afresh)
+        self._similarities = (SimilarityCache(self.settings.thresholds.near_dup_threshold)
+                              if self.settings.window <= _CACHE_MAX_WINDOW else None)
         self._tripped: dict[str, int] = {}  # tripped rule -> consecutive passing evaluations since it last failed
         self._replaying = False       # restore() is observing its tail: no per-transition logs
         self._state = self._publish([])
@@ -363,8 +372,9 @@ class Guard:
         """Full metrics over the window: clustering and modes (diversity_report), grounding."""
         started = time.perf_counter()
         rows = list(self._rows.values())
-        report = diversity_report([r.caption for r in rows], top_k=self.settings.top_modes, with_self_bleu=False,
-                                  near_dup_threshold=self.settings.thresholds.near_dup_threshold)
+        report = diversity_report([r.caption for r in rows], keys=[r.key for r in rows], top_k=self.settings.top_modes,
+                                  near_dup_threshold=self.settings.thresholds.near_dup_threshold,
+                                  with_self_bleu=False, with_distinct_n=False, cache=self._similarities)
         scored = [r for r in rows if r.text_emb is not None]
         if len(scored) >= max(2, self.settings.min_captions):
             with _one_blas_thread():

@@ -256,11 +256,17 @@ def test_blocked_clustering_matches_brute_force(monkeypatch, seed, threshold):
     # small blocks and slices so that every cross-block / length-window path runs many times
     monkeypatch.setattr(div, "_CLUSTER_BLOCK", 16)
     monkeypatch.setattr(div, "_LENGTH_SLICE", 5)
-    rng = random.Random(seed)
-    bases = ["".join(rng.choice("abcde") for _ in range(rng.randint(5, 30))) for _ in range(6)]
-    keys = []
-    for _ in range(300):
-        chars = list(rng.choice(bases))
+    keys = list(dict.fromkeys(_edited_variants(random.Random(seed), 300)))
+    assert len(keys) > 100
+    assert div._leader_clusters(keys, threshold) == _brute_force_leaders(keys, threshold)
+
+
+def _edited_variants(rng: random.Random, n: int, bases: int = 6) -> list[str]:
+    """n strings, each one of `bases` random base strings with 0-3 random single-character edits."""
+    roots = ["".join(rng.choice("abcde") for _ in range(rng.randint(5, 30))) for _ in range(bases)]
+    out = []
+    for _ in range(n):
+        chars = list(rng.choice(roots))
         for _ in range(rng.randint(0, 3)):
             op = rng.random()
             if op < 0.4 and chars:
@@ -269,10 +275,34 @@ def test_blocked_clustering_matches_brute_force(monkeypatch, seed, threshold):
                 chars.insert(rng.randrange(len(chars) + 1), rng.choice("abcde"))
             elif chars:
                 chars.pop(rng.randrange(len(chars)))
-        keys.append("".join(chars))
-    keys = list(dict.fromkeys(keys))
-    assert len(keys) > 100
-    assert div._leader_clusters(keys, threshold) == _brute_force_leaders(keys, threshold)
+        out.append("".join(chars))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("threshold", [0.85, 0.9])
+def test_similarity_cache_gives_the_uncached_report_on_a_rolling_window(seed, threshold):
+    # a live window: one caption in, the oldest out, repeats and near-duplicates throughout; the cache
+    # grows past its first capacity, frees slots and reuses them, and every report must equal a fresh one
+    rng = random.Random(seed)
+    stream = _edited_variants(rng, 400, bases=8)
+    stream = [rng.choice(stream[:i]) if i and rng.random() < 0.3 else c for i, c in enumerate(stream)]
+    cache = div.SimilarityCache(threshold)
+    for end in range(1, len(stream) + 1, 7):
+        window = stream[max(0, end - 60):end]
+        cached = diversity_report(window, with_self_bleu=False, with_distinct_n=False, cache=cache, top_k=3,
+                                  near_dup_threshold=threshold)
+        fresh = diversity_report(window, with_self_bleu=False, top_k=3, near_dup_threshold=threshold)
+        assert (cached.near_unique, cached.top_mode_share, cached.modes) == (
+            fresh.near_unique, fresh.top_mode_share, fresh.modes[:3]), end
+        assert cached.repeat_probability == fresh.repeat_probability
+        assert len(cache) == len(set(window))
+    assert cached.distinct_1 is None and fresh.distinct_1 is not None
+
+
+def test_similarity_cache_refuses_another_threshold():
+    with pytest.raises(ValueError, match="threshold 0.9, not 0.8"):
+        diversity_report(["a", "b"], near_dup_threshold=0.8, cache=div.SimilarityCache(0.9))
 
 
 def test_near_duplicate_collapse_trips_only_the_near_duplicate_rules():
