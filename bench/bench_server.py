@@ -146,7 +146,7 @@ def wait_for_quiet(max_s: float, idle_share: float = 0.85, window_s: float = 3.0
     return time.monotonic() - started
 
 
-def naive_runner(checkpoint: Path, device: str) -> tuple[Callable[[list[Path]], Run],
+def naive_runner(checkpoint: Path, device: str) -> tuple[Callable[..., Run],
                                                          Callable[[list[Path], int], float]]:
     """(the naive loop over some videos, the model's own ms per video at a batch size), both run on one
     dedicated worker thread (module docstring)."""
@@ -160,14 +160,22 @@ def naive_runner(checkpoint: Path, device: str) -> tuple[Callable[[list[Path]], 
         frames = sample_frames(path, stack.config.num_frames, max_side=stack.frame_side).frames
         return stack.caption([frames])[0][0].caption
 
-    def loop(paths: list[Path]) -> Run:
-        captions, latencies = {}, []
-        busy0, cpu0, started = machine_busy_s(), own_cpu_s(), time.perf_counter()
-        for path in paths:
-            t0 = time.perf_counter()
-            captions[path.name] = one(path)
-            latencies.append(time.perf_counter() - t0)
-        wall = time.perf_counter() - started
+    def loop(paths: list[Path], threads: int | None = None) -> Run:
+        import torch
+
+        before = torch.get_num_threads()
+        if threads is not None:   # process-wide; put back after this run
+            torch.set_num_threads(threads)
+        try:
+            captions, latencies = {}, []
+            busy0, cpu0, started = machine_busy_s(), own_cpu_s(), time.perf_counter()
+            for path in paths:
+                t0 = time.perf_counter()
+                captions[path.name] = one(path)
+                latencies.append(time.perf_counter() - t0)
+            wall = time.perf_counter() - started
+        finally:
+            torch.set_num_threads(before)
         ours = own_cpu_s() - cpu0
         return Run(wall, latencies, captions, client_cpu_s=ours,
                    others_cpu=others_cpu(busy0, machine_busy_s(), ours, wall))
@@ -182,7 +190,7 @@ def naive_runner(checkpoint: Path, device: str) -> tuple[Callable[[list[Path]], 
             stack.caption(frames[i:i + batch])
         return 1000 * (time.perf_counter() - started) / (len(frames) // batch * batch)
 
-    return (lambda paths: thread.submit(loop, paths).result(),
+    return (lambda paths, threads=None: thread.submit(loop, paths, threads).result(),
             lambda paths, batch: thread.submit(model, paths, batch).result())
 
 
@@ -319,6 +327,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads, naive loop and server alike")
+    parser.add_argument("--naive-threads", type=int, nargs="*", default=[], metavar="N",
+                        help="also run the naive loop with N torch threads (rows 'naive tN'): a plain loop left "
+                        "to torch's defaults uses every core; ratios are also printed against the fastest")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quiet-wait", type=float, default=0.0, help="before each round, wait up to this many "
                         "seconds for the other processes on the machine to go quiet (85 %% idle for 3 s)")
@@ -342,7 +353,9 @@ def main() -> None:
         print(f"variant {v.label}: tree {v.tree}, environment {v.env or '-'}")
     naive, model_ms = naive_runner(args.checkpoint, args.device)
     naive(paths[:2])   # warm-up
-    results = {"naive": Summary(), **{f"{v.label} c{c}": Summary() for c in args.concurrency for v in variants}}
+    naive_extra = {f"naive t{t}": t for t in args.naive_threads if t != args.threads}
+    results = {"naive": Summary(), **{name: Summary() for name in naive_extra},
+               **{f"{v.label} c{c}": Summary() for c in args.concurrency for v in variants}}
     with tempfile.TemporaryDirectory(prefix="capguard-bench-") as tmp:
         servers = {}
         try:
@@ -356,6 +369,8 @@ def main() -> None:
                     waited = wait_for_quiet(args.quiet_wait)
                     print(f"round {round_ + 1}: waited {waited:.0f} s for a quiet machine", flush=True)
                 results["naive"].runs.append(naive(paths))
+                for name, threads in naive_extra.items():
+                    results[name].runs.append(naive(paths, threads))
                 for c in args.concurrency:
                     for label, (process, url) in servers.items():
                         results[f"{label} c{c}"].runs.append(server_run(url, process.pid, paths, c))
@@ -377,6 +392,13 @@ def main() -> None:
         print(f"\n{prefix}throughput / naive loop: " + "   ".join(
             f"c{c} {results[f'{v.label} c{c}'].median_rate(n) / base:.2f}x" for c in args.concurrency), end="")
     print()
+    if naive_extra:
+        best = max(["naive", *naive_extra], key=lambda name: results[name].median_rate(n))
+        best_rate = results[best].median_rate(n)
+        for v in variants:
+            prefix = "" if v.label == "server" else f"{v.label} "
+            print(f"{prefix}throughput / fastest naive loop ({best}): " + "   ".join(
+                f"c{c} {results[f'{v.label} c{c}'].median_rate(n) / best_rate:.2f}x" for c in args.concurrency))
     if 1 in args.concurrency and 8 in args.concurrency:
         print(f"c8 / c1: {results['server c8'].median_rate(n) / results['server c1'].median_rate(n):.2f}x")
     ceiling = {b: model_ms(paths[:min(n, 24)], b) for b in (1, 4, 8) if b <= n}

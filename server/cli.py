@@ -160,11 +160,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not (checkpoint_dir / MANIFEST_NAME).is_file():
         raise FileNotFoundError(f"no checkpoint at {checkpoint_dir} ({MANIFEST_NAME} missing); pass --checkpoint "
                                 "DIR, or write one with `capguard init-checkpoint DIR` or `capguard train`")
+    threads = settings.resolved_torch_threads()
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+        logging.getLogger(__name__).info("torch uses %d thread(s)", threads)
     import uvicorn
 
     from server.app import create_app
 
-    uvicorn.run(create_app(settings), host=args.host, port=args.port,
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, http=settings.http, loop=settings.loop,
                 log_level="debug" if args.verbose else "info")
     return 0
 

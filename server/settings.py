@@ -8,6 +8,7 @@ unless the name says otherwise (``max_wait_ms``).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -39,8 +40,20 @@ class Settings(BaseSettings):
 
     # --- batching
     max_batch_size: int = Field(8, ge=1)     # videos per stack.caption call
-    max_wait_ms: float = Field(10.0, ge=0)   # how long a batch waits for company after its first request
+    # how long a batch waits for company after its first request (only while other requests are uploading or
+    # decoding: a lone request never waits); 30 measured best at c4-c8 on the demo stack (bench/RESULTS.md)
+    max_wait_ms: float = Field(30.0, ge=0)
     queue_size: int = Field(64, ge=1)        # requests waiting for the model (and for a decoder) before 503
+
+    # torch threads of the server process (the model thread's matrix products). None: OMP_NUM_THREADS when it is
+    # set, else the CPUs the decoder processes leave free, at least 1: on a 2-core box the model's second
+    # OpenMP thread would fight the decoders and the event loop for a core (bench/RESULTS.md)
+    torch_threads: int | None = Field(None, ge=1)
+
+    # --- HTTP front end (uvicorn): "auto" takes httptools and uvloop (C parser, libuv loop) when installed,
+    # which leaves more of the GIL to the model thread (bench/RESULTS.md); h11/asyncio are the pure-Python ones
+    http: Literal["auto", "h11", "httptools"] = "auto"
+    loop: Literal["auto", "asyncio", "uvloop"] = "auto"
 
     # --- access
     admin_token: SecretStr | None = None     # Bearer token for admin routes; None leaves them open (bind locally!)
@@ -77,6 +90,18 @@ class Settings(BaseSettings):
             raise ValueError(f"guard_min_captions ({self.guard_min_captions}) exceeds guard_window "
                              f"({self.guard_window}): the guard would never reach a verdict")
         return self
+
+    def resolved_torch_threads(self) -> int | None:
+        """Threads to give torch, or None to leave it to OMP_NUM_THREADS.
+
+        Example: 8 usable CPUs, decode_workers=2, no OMP_NUM_THREADS -> 6; 2 CPUs -> 1; torch_threads=4 -> 4.
+        """
+        if self.torch_threads is not None:
+            return self.torch_threads
+        if os.environ.get("OMP_NUM_THREADS"):
+            return None
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, cpus - self.decode_workers)
 
     def guard_options(self) -> dict[str, float | int]:
         """The guard_* fields without their prefix, for GuardSettings.from_options.

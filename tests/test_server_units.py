@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 
 import numpy as np
@@ -123,6 +124,19 @@ def test_settings_read_the_environment(monkeypatch, tmp_path):
         Settings(guard_window=10, guard_min_captions=20)
     with pytest.raises(ValueError):
         Settings(max_batch_sise=4)   # a typo must not pass silently
+
+
+def test_torch_threads_leave_the_decoders_their_cores(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert Settings(decode_workers=2).resolved_torch_threads() == 6
+    assert Settings(decode_workers=3, torch_threads=4).resolved_torch_threads() == 4   # explicit wins
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert Settings(decode_workers=2).resolved_torch_threads() == 1                    # never 0
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert Settings().resolved_torch_threads() is None                                 # the operator's choice
+    with pytest.raises(ValueError):
+        Settings(http="gunicorn")
 
 
 def test_a_batch_does_not_wait_for_jobs_nobody_is_preparing():
