@@ -9,6 +9,7 @@ get a CLIPScore-style 2.5 * max(cos, 0). The embeddings also feed the guard's gr
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import open_clip
@@ -37,6 +38,9 @@ class Scorer(nn.Module):
     def __init__(self, model: nn.Module, tokenizer):
         super().__init__()
         self.model, self.tokenizer = model, tokenizer
+        # HF fast tokenizers set padding/truncation state on each call and fail ("Already borrowed") when two
+        # threads tokenize at once (a server with several model threads); tokenizing is microseconds
+        self._tokenizing = threading.Lock()
         self.kind = "siglip" if getattr(model, "logit_bias", None) is not None else "clip"
 
     @property
@@ -56,7 +60,9 @@ class Scorer(nn.Module):
 
     @torch.inference_mode()
     def text_embeddings(self, captions: list[str]) -> torch.Tensor:
-        tokens = self.tokenizer(captions).to(self.device)
+        with self._tokenizing:
+            tokens = self.tokenizer(captions)
+        tokens = tokens.to(self.device)
         return F.normalize(self.model.encode_text(tokens).float(), dim=-1)   # (B, E)
 
     @torch.inference_mode()

@@ -137,7 +137,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # the lambdas read `state` when the model thread calls them, by which time it exists
     batcher = Batcher(lambda jobs: run_batch(state, jobs), settings.max_batch_size, settings.max_wait_ms / 1000,
                       settings.queue_size, on_batch=metrics.batch_size.observe,
-                      expect_more=lambda: state.preparing > 0)
+                      expect_more=lambda: state.preparing > 0, workers=settings.model_threads)
     state = AppState(settings=settings, metrics=metrics, storage=storage, guards=guards, checkpoints=checkpoints,
                      decoder=decoder, batcher=batcher,
                      limits=VideoLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels,

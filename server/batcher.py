@@ -4,12 +4,16 @@
     batcher.start()
     result = await batcher.submit(job)      # job.key: jobs with equal keys may share a batch
 
-The model thread takes the oldest waiting job, then keeps collecting jobs with the same key
+A model thread takes the oldest waiting job, then keeps collecting jobs with the same key
 (checkpoint) until the batch is full, ``max_wait_s`` has passed since it started waiting, or nothing
 is queued and ``expect_more()`` says no more is coming; jobs for other keys wait for a later batch,
 in order. ``run_batch(jobs) -> results`` (one per job, same
 order) runs on that thread, never on the event loop; its exception fails every job of the batch.
 A full queue raises ``QueueFull`` at once, so overload answers 503 instead of piling up.
+
+``workers`` model threads (default 1) take turns collecting, one at a time, and run their batches
+side by side: the matrix products release the GIL, so a second thread keeps a second core busy while
+the first is in Python (``run_batch`` must then be thread-safe; the server's is).
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ def _answer(pending: _Pending, result: Any = None, error: BaseException | None =
 class Batcher:
     def __init__(self, run_batch: Callable[[list[Any]], list[Any]], max_batch_size: int, max_wait_s: float,
                  queue_size: int, on_batch: Callable[[int], None] | None = None,
-                 expect_more: Callable[[], bool] | None = None, name: str = "capguard-model"):
+                 expect_more: Callable[[], bool] | None = None, name: str = "capguard-model", workers: int = 1):
         self.run_batch = run_batch
         self.max_batch_size, self.max_wait_s = max_batch_size, max_wait_s
         self.on_batch = on_batch or (lambda size: None)
@@ -72,14 +76,19 @@ class Batcher:
         self.expect_more = expect_more or (lambda: True)
         self._queue: queue.Queue[_Pending | None] = queue.Queue(maxsize=queue_size)
         self._held: deque[_Pending] = deque()   # taken from the queue for another key; served first next time
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self._threads = [threading.Thread(target=self._loop, name=name if workers == 1 else f"{name}_{i}", daemon=True)
+                         for i in range(workers)]
+        self._collecting = threading.Lock()    # one thread collects a batch at a time
         self._stopping = False
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stopping
+        return all(thread.is_alive() for thread in self._threads) and not self._stopping
 
     def depth(self) -> int:
         """Jobs waiting for the model (not counting the batch running now)."""
@@ -99,12 +108,14 @@ class Batcher:
     def stop(self, timeout_s: float = 10.0) -> None:
         """Finish the running batch, fail what is still waiting, end the thread."""
         self._stopping = True
-        try:
-            self._queue.put(None, timeout=timeout_s)
-        except queue.Full:
-            pass
-        if self._thread.ident is not None:   # started
-            self._thread.join(timeout=timeout_s)
+        for _ in self._threads:   # one stop marker per thread
+            try:
+                self._queue.put(None, timeout=timeout_s)
+            except queue.Full:
+                break
+        for thread in self._threads:
+            if thread.ident is not None:   # started
+                thread.join(timeout=timeout_s)
         leftovers = list(self._held)
         while True:
             try:
@@ -159,7 +170,8 @@ class Batcher:
     def _loop(self) -> None:
         stop = False
         while not stop:
-            batch, stop = self._collect()
+            with self._collecting:
+                batch, stop = self._collect()
             if batch:
                 self._run(batch)
 

@@ -40,6 +40,7 @@ class Settings(BaseSettings):
 
     # --- batching
     max_batch_size: int = Field(8, ge=1)     # videos per stack.caption call
+    model_threads: int = Field(1, ge=1)      # batches run side by side (server/batcher.py); see bench/RESULTS.md
     # how long a batch waits for company after its first request (only while other requests are uploading or
     # decoding: a lone request never waits); 30 measured best at c4-c8 on the demo stack (bench/RESULTS.md)
     max_wait_ms: float = Field(30.0, ge=0)

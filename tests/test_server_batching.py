@@ -38,9 +38,12 @@ def wait_for(condition, timeout_s: float = 10.0) -> None:
         time.sleep(0.01)
 
 
+@pytest.mark.parametrize("model_threads", [1, 2])
 def test_concurrent_requests_share_a_batch_and_get_their_own_answers(server_settings, checkpoints_root,
-                                                                      video_files):
-    settings = server_settings(decode_workers=2, max_wait_ms=300, max_batch_size=8)
+                                                                      video_files, model_threads):
+    # two model threads: batches of at most 4, so both threads run one (side by side when they overlap)
+    settings = server_settings(decode_workers=2, max_wait_ms=300, max_batch_size=8 // model_threads,
+                               model_threads=model_threads)
     with TestClient(create_app(settings)) as client, ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(lambda clip: post(client, clip, max_new_tokens=6), video_files))
         metrics = samples(client)

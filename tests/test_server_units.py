@@ -56,6 +56,29 @@ def test_a_failing_batch_fails_its_jobs_and_the_thread_lives_on():
     run(main())
 
 
+def test_two_model_threads_run_two_batches_side_by_side_and_both_stop():
+    both_running = threading.Barrier(2, timeout=10)   # broken (an error) unless two batches overlap
+    threads = set()
+
+    def run_batch(jobs):
+        threads.add(threading.current_thread().name)
+        both_running.wait()
+        return [job * 2 for job in jobs]
+
+    async def main():
+        batcher = Batcher(run_batch, max_batch_size=2, max_wait_s=0.05, queue_size=8, workers=2)
+        batcher.start()
+        results = await asyncio.gather(*(batcher.submit(i, "k") for i in range(4)))
+        assert batcher.alive()
+        batcher.stop()
+        assert not batcher.alive()
+        assert not any(t.is_alive() for t in batcher._threads)
+        return results
+
+    assert run(main()) == [0, 2, 4, 6]
+    assert threads == {"capguard-model_0", "capguard-model_1"}
+
+
 def test_full_queue_raises_at_once_and_stop_fails_the_waiting_jobs():
     release = threading.Event()
     started = threading.Event()
