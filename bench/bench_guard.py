@@ -10,9 +10,9 @@ scorer embeddings as the demo stack's scorer gives.
     .venv/bin/python bench/bench_guard.py                       # both windows, healthy stream
     .venv/bin/python bench/bench_guard.py --windows 100 --stream collapsed --request-ms 800
 
-Prints ratios to a typical request (``--request-ms``). Its default, 1500 ms, is one 8-frame video
-through the tiny ``init_checkpoint`` stack on the 2-core dev CPU (48 new tokens, measured when this was
-written); pass the figure of the stack you serve.
+Prints ratios to a typical request (``--request-ms``). Its default, 45 ms, is one request at concurrency 1
+on the shipped demo stack on the 2-core dev CPU (bench/RESULTS.md); pass the figure of the stack you
+serve. bench/bench_metrics.py measures the request and the guard side by side.
 """
 
 from __future__ import annotations
@@ -94,8 +94,8 @@ def main() -> None:
     parser.add_argument("--recompute-every", type=int, default=None, help="default: the guard's auto policy")
     parser.add_argument("--stream", choices=["healthy", "collapsed"], default="healthy")
     parser.add_argument("--dim", type=int, default=64, help="scorer embedding size (demo stack: 64)")
-    parser.add_argument("--request-ms", type=float, default=1500.0,
-                        help="a typical /caption request; default: tiny init_checkpoint stack on 2 CPU cores")
+    parser.add_argument("--request-ms", type=float, default=45.0,
+                        help="a typical /caption request; default: the demo stack at concurrency 1 on 2 CPU cores")
     args = parser.parse_args()
     for window in args.windows:
         bench_window(window, args)
