@@ -18,6 +18,14 @@ for a 60 s clip) checks that the declared frames are all there, so truncated fil
 without reaching decord. It can still abort the process on some damaged file, which is why the server
 calls this module in a worker process.
 
+Rotation. Phones store a portrait video as landscape frames plus a display matrix in the mp4/mov track
+header. ``display_rotation`` reads it from the file (a few header reads, no decoding, the same matrix
+product and angle FFmpeg computes) and both backends return frames turned upright, so the captioner and
+the scorer see what a player shows; ``meta.rotation`` says by how much. Right angles only (a mirror or a
+skew in the matrix is ignored); other containers are taken as upright (their rotation tags are rare).
+decord turns such frames itself (the same way) but returns scrambled ones when it also scales them
+(decord 0.6.0, measured here), so rotated videos are decoded by PyAV and turned here.
+
 PyAV. The demux pass lists every frame's pts. In mp4/mov and matroska/webm, whose packets carry true
 presentation times, each wanted frame is found by seeking to the keyframe before it and decoding
 forward to its pts; elsewhere (AVI: PyAV's timestamps there mislabel B-frames) frames are decoded in
@@ -34,8 +42,10 @@ import bisect
 import dataclasses
 import itertools
 import logging
+import math
 import os
 import re
+import struct
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -86,15 +96,16 @@ class VideoMeta:
     duration_s: float    # seconds; 0.0 when unknown from the header (sample_frames fills it in)
     num_frames: int      # frames in the video; from probe: as declared, 0 = not declared (webm, mkv)
     codec: str           # FFmpeg codec name: h264, hevc, mpeg4, vp8, vp9, av1, ...
-    width: int           # coded frame size in pixels (display rotation is not applied)
+    width: int           # coded frame size in pixels, before the display rotation
     height: int
     container: str       # FFmpeg demuxer name, e.g. "mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "avi"
     has_b_frames: bool = False  # the decoder reorders frames; decord misplaces such frames in some codecs
+    rotation: int = 0    # counter-clockwise degrees (0/90/180/270) the frames are turned for display
 
 
 @dataclass
 class SampledFrames:
-    frames: np.ndarray          # (T, H, W, 3) uint8 RGB; H, W already reduced to max_side
+    frames: np.ndarray          # (T, H, W, 3) uint8 RGB, upright (meta.rotation applied); H, W within max_side
     indices: list[int]          # (T,) frame index of each sampled frame in presentation order
     timestamps_s: list[float]   # (T,) presentation time of each, seconds from the first frame
     meta: VideoMeta             # num_frames/duration/fps as counted while sampling, not just declared
@@ -109,6 +120,8 @@ _DECORD_CODECS = {"h264", "hevc", "mpeg4", "vp8", "vp9"}
 _DECORD_REORDER_OK = {"h264": ("mov,mp4,m4a,3gp,3g2,mj2",), "vp8": None, "vp9": None}  # None: any container
 # containers whose packets carry true presentation times: PyAV may seek and identify frames by pts
 _PTS_CONTAINERS = {"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm"}
+_ISO_CONTAINER = "mov,mp4,m4a,3gp,3g2,mj2"  # ISO base media files: the track header holds a display matrix
+_MAX_BOXES = 4096  # boxes looked at per level when reading an mp4 header; a real file has a handful
 # demuxers that open things that are not videos: text (tty renders .txt as ANSI art) and still images
 _NOT_VIDEO_DEMUXERS = {"tty", "image2", "image2pipe", "bin", "xbin", "adf", "idf"}
 _STILL_DISPOSITIONS = ("attached_pic", "still_image", "timed_thumbnails")
@@ -156,7 +169,114 @@ def probe(path: str | os.PathLike, limits: VideoLimits = VideoLimits()) -> Video
     with _open(path, limits) as container:
         meta = _header_meta(container, _video_stream(container, path))
     _check_header(meta, limits, path)
+    if meta.container == _ISO_CONTAINER:
+        meta = dataclasses.replace(meta, rotation=display_rotation(path))
     return meta
+
+
+def display_rotation(path: str | os.PathLike) -> int:
+    """Counter-clockwise degrees (0, 90, 180 or 270) an mp4/mov video's frames are turned for display.
+
+    The first video track's header matrix times the movie header's, and the angle FFmpeg's
+    av_display_rotation_get takes from it (the value PyAV reports as ``VideoFrame.rotation``), rounded to
+    a right angle; 0 for anything else: no such header, an angle that is not a right angle, a damaged box.
+    Example: an iPhone portrait clip, stored 1920x1080 with the matrix (0, 1, -1, 0) -> 270 (turn it a
+    quarter clockwise).
+    """
+    try:
+        with open(path, "rb") as f:
+            end = os.fstat(f.fileno()).st_size
+            moov = next((b for b in _boxes(f, 0, end) if b[0] == b"moov"), None)
+            if moov is None:
+                return 0
+            movie = (1.0, 0.0, 0.0, 1.0)
+            for kind, start, stop in _boxes(f, moov[1], moov[2]):
+                if kind == b"mvhd":
+                    movie = _box_matrix(f, start, stop, (16, 28)) or movie
+                elif kind == b"trak" and _track_handler(f, start, stop) == b"vide":
+                    tkhd = next((b for b in _boxes(f, start, stop) if b[0] == b"tkhd"), None)
+                    track = _box_matrix(f, tkhd[1], tkhd[2], (20, 32)) if tkhd else None
+                    return _right_angle(track, movie) if track else 0
+    except OSError as exc:
+        log.warning("cannot read the track header of %s (%s); frames are taken as upright", path, exc)
+    return 0
+
+
+def _boxes(f: Any, start: int, end: int):
+    """(type, payload start, box end) of the ISO boxes between start and end; stops at a malformed one."""
+    pos = start
+    for _ in range(_MAX_BOXES):
+        if pos + 8 > end:
+            return
+        f.seek(pos)
+        header = f.read(8)
+        if len(header) < 8:
+            return
+        size, kind = struct.unpack(">I4s", header)
+        payload = pos + 8
+        if size == 1:                       # 64-bit size follows
+            large = f.read(8)
+            if len(large) < 8:
+                return
+            size, payload = struct.unpack(">Q", large)[0], pos + 16
+        elif size == 0:                     # to the end of the enclosing box
+            size = end - pos
+        if size < payload - pos or pos + size > end:
+            return
+        yield kind, payload, pos + size
+        pos += size
+
+
+def _track_handler(f: Any, start: int, end: int) -> bytes | None:
+    """A trak box's handler type (b"vide", b"soun", ...) from mdia/hdlr."""
+    mdia = next((b for b in _boxes(f, start, end) if b[0] == b"mdia"), None)
+    hdlr = next((b for b in _boxes(f, mdia[1], mdia[2]) if b[0] == b"hdlr"), None) if mdia else None
+    if hdlr is None or hdlr[2] - hdlr[1] < 12:
+        return None
+    f.seek(hdlr[1] + 8)   # version + flags, pre_defined
+    return f.read(4)
+
+
+def _box_matrix(f: Any, start: int, end: int, fields: tuple[int, int]) -> tuple[float, ...] | None:
+    """(a, b, c, d) of a tkhd/mvhd matrix (16.16 fixed point); fields: bytes before it after version+flags
+    in a version 0 / version 1 box (tkhd: 20 / 32, then 16 more; mvhd: 16 / 28, then 16 more)."""
+    f.seek(start)
+    version = f.read(1)
+    if not version:
+        return None
+    offset = start + 4 + fields[1 if version[0] == 1 else 0] + 16
+    if offset + 36 > end:
+        return None
+    f.seek(offset)
+    m = struct.unpack(">9i", f.read(36))
+    return m[0] / 65536, m[1] / 65536, m[3] / 65536, m[4] / 65536
+
+
+def _right_angle(track: tuple[float, ...], movie: tuple[float, ...]) -> int:
+    """FFmpeg's rotation of the matrix product (track x movie), as 0/90/180/270; 0 when not a right angle."""
+    ta, tb, tc, td = track
+    ma, mb, mc, md = movie
+    a, b = ta * ma + tb * mc, ta * mb + tb * md
+    c, d = tc * ma + td * mc, tc * mb + td * md
+    scale_x, scale_y = math.hypot(a, c), math.hypot(b, d)
+    if not scale_x or not scale_y:
+        return 0
+    angle = -math.degrees(math.atan2(b / scale_y, a / scale_x))
+    nearest = round(angle / 90) * 90
+    if abs(angle - nearest) > 1.0:
+        log.info("display matrix rotates by %.1f degrees, not a right angle; frames are left as stored", angle)
+        return 0
+    return nearest % 360
+
+
+def upright(frames: np.ndarray, rotation: int) -> np.ndarray:
+    """(T, H, W, 3) frames turned `rotation` degrees counter-clockwise (what a player shows).
+
+    Example: rotation=90 turns a (T, 32, 64, 3) landscape clip into (T, 64, 32, 3), its right edge on top.
+    """
+    if rotation % 360 == 0:
+        return frames
+    return np.ascontiguousarray(np.rot90(frames, k=(rotation // 90) % 4, axes=(1, 2)))
 
 
 def _check_size(path: str, limits: VideoLimits) -> None:
@@ -256,6 +376,17 @@ def sample_frames(path: str | os.PathLike, num_frames: int = 8, limits: VideoLim
     path = os.fspath(path)
     meta = probe(path, limits)
     size = scaled_size(meta.width, meta.height, max_side)
+    if meta.rotation and backend == "decord":
+        raise ValueError(f"{path} has a display rotation of {meta.rotation} degrees: decord turns such frames "
+                         "itself and garbles the ones it scales; use backend='auto' or 'pyav'")
+    sample = _sample(path, meta, num_frames, limits, backend, size)
+    sample.frames = upright(sample.frames, meta.rotation)
+    return sample
+
+
+def _sample(path: str, meta: VideoMeta, num_frames: int, limits: VideoLimits, backend: str,
+            size: tuple[int, int] | None) -> SampledFrames:
+    """sample_frames before the display rotation."""
     if backend == "decord":
         try:
             return _sample_decord(path, meta, meta.num_frames, num_frames, size)
@@ -281,6 +412,8 @@ def _decord_suits(meta: VideoMeta) -> bool:
     """True where decord is known to return the requested frames (module docstring)."""
     if meta.num_frames <= 0 or meta.codec not in _DECORD_CODECS:
         return False  # undeclared frame count: PyAV counts packets; AV1 and others: decord cannot
+    if meta.rotation:
+        return False  # decord applies the display matrix itself, and scrambles rotated frames it scales
     if not meta.has_b_frames:
         return True
     if meta.codec not in _DECORD_REORDER_OK:

@@ -6,6 +6,7 @@ import hashlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,6 +72,23 @@ def test_concurrent_requests_share_a_batch_and_get_their_own_answers(server_sett
     log = CaptionLog(settings.data_dir / "capguard.db")
     assert log.count("demo") == 8
     log.close()
+
+
+def test_a_phone_portrait_upload_is_captioned_upright(server_settings, checkpoints_root, tmp_path):
+    from videomaker import make_video
+
+    # a portrait phone clip: landscape frames plus "turn a quarter clockwise" in the mp4 track header
+    turned = Path(make_video(tmp_path / "portrait.mp4", num_frames=16, size=(96, 64), rotation=-90))
+    with TestClient(create_app(server_settings())) as client:
+        response = post(client, turned, max_new_tokens=6)
+    assert response.status_code == 200, response.text
+    stack = load_stack(checkpoints_root / "demo", device="cpu")
+    upright = sample_frames(turned, 8, max_side=stack.frame_side).frames     # (8, H, W, 3)
+    assert upright.shape[1] > upright.shape[2]                                # portrait
+    with ThreadPoolExecutor(1) as thread:   # a worker thread, like the server's model thread
+        reference = thread.submit(lambda: stack.caption([upright], max_new_tokens=[6])[0][0]).result()
+    assert response.json()["caption"] == reference.caption
+    assert response.json()["scores"]["siglip"] == pytest.approx(reference.score, abs=1e-4)
 
 
 def test_full_queue_answers_503_with_retry_after(server_settings, video_files):

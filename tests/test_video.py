@@ -387,3 +387,64 @@ def test_auto_on_damaged_files_in_a_subprocess(damaged, tmp_path):
         if HAS_DECORD:
             assert pool.submit(_decord_then_encode_vp9, str(tmp_path)).result() == [0, 6, 11]
     assert dict(zip(names, outcomes, strict=True)) == {n: damaged[n][1].code for n in names}
+
+
+# ---------------------------------------------------------------------------------------------- rotation
+
+
+@pytest.mark.parametrize("container,faststart", [("mp4", False), ("mp4", True), ("mov", False)])
+@pytest.mark.parametrize("degrees", [90, 180, -90])
+def test_phone_rotation_is_read_like_ffmpeg_and_applied_by_every_backend(tmp_path, container, faststart,
+                                                                          degrees):
+    # the same coded frames twice, once with a display matrix (moov after or before mdat)
+    options = {"movflags": "+faststart"} if faststart else None
+    plain = make_video(tmp_path / "plain", container=container, num_frames=12, size=(96, 64),
+                       container_options=options)
+    turned = make_video(tmp_path / "turned", container=container, num_frames=12, size=(96, 64),
+                        container_options=options, rotation=degrees)
+    expected = degrees % 360
+    with av.open(turned) as c:   # FFmpeg's own reading of the matrix, through PyAV
+        assert next(c.decode(video=0)).rotation % 360 == expected
+    assert video.display_rotation(turned) == expected and video.display_rotation(plain) == 0
+    assert probe(turned).rotation == expected and (probe(turned).width, probe(turned).height) == (96, 64)
+
+    reference = sample_frames(plain, 4, backend="pyav").frames                      # (4, 64, 96, 3)
+    for backend in ("auto", "pyav"):   # auto: PyAV, since decord scrambles rotated frames that it scales
+        sample = sample_frames(turned, 4, backend=backend)
+        # counter-clockwise, as FFmpeg defines the angle: 90 puts the right edge on top
+        assert np.array_equal(sample.frames, np.rot90(reference, k=expected // 90, axes=(1, 2))), backend
+        assert sample.frames.flags["C_CONTIGUOUS"] and sample.meta.rotation == expected
+        assert sample.backend == "pyav"
+    with pytest.raises(ValueError, match="display rotation"):
+        sample_frames(turned, 4, backend="decord")
+    if importlib.util.find_spec("decord") is not None:   # decord, unscaled, turns them the same way itself
+        import decord
+
+        reader = decord.VideoReader(turned, ctx=decord.cpu(0))
+        assert np.array_equal(reader.get_batch(sample.indices).asnumpy(), sample.frames)
+    portrait = sample_frames(turned, 4, max_side=48).frames
+    assert portrait.shape[1:] == ((48, 32, 3) if expected in (90, 270) else (32, 48, 3))
+
+
+def test_rotation_of_a_damaged_header_is_upright_not_an_error(tmp_path):
+    # hostile box sizes: zero, larger than the file, a 64-bit size cut short, a trak without hdlr
+    cases = {
+        "bogus_size": b"\x00\x00\x00\x10moov" + b"\xff\xff\xff\xfftrak" + b"\x00" * 8,
+        "too_long": b"\x7f\xff\xff\xffmoov" + b"\x00" * 32,
+        "short_large": b"\x00\x00\x00\x01moov\x00\x00",
+        "no_hdlr": b"\x00\x00\x00\x18moov" + b"\x00\x00\x00\x10trak" + b"\x00\x00\x00\x08tkhd",
+        "empty": b"",
+    }
+    for name, data in cases.items():
+        path = tmp_path / f"{name}.mp4"
+        path.write_bytes(data)
+        assert video.display_rotation(path) == 0, name
+
+
+def test_upright_turns_counter_clockwise():
+    frames = np.arange(2 * 2 * 3 * 3, dtype=np.uint8).reshape(2, 2, 3, 3)   # (T, H=2, W=3, 3)
+    turned = video.upright(frames, 90)
+    assert turned.shape == (2, 3, 2, 3)
+    assert np.array_equal(turned[:, 0, :], frames[:, :, -1])    # the right column is now the top row
+    assert video.upright(frames, 0) is frames
+    assert np.array_equal(video.upright(frames, 270), np.rot90(frames, k=-1, axes=(1, 2)))

@@ -104,6 +104,7 @@ def make_video(
     gop_size: int | None = None,
     options: dict[str, str] | None = None,
     container_options: dict[str, str] | None = None,
+    rotation: float | None = None,
 ) -> str:
     """Encode `num_frames` frames of `size` = (width, height) at `fps` and return the path written.
 
@@ -114,6 +115,8 @@ def make_video(
     the fast defaults (e.g. {"preset": "medium"} for libx264 with B-frames; ultrafast has none).
     container_options: muxer options, e.g. {"movflags": "+faststart"} to put the mp4 index first.
     draw_index=False draws a moving gradient instead of the frame number (content for benchmarks).
+    rotation: a display rotation in counter-clockwise degrees written to the container (mp4/mov: the
+    track header matrix), as a phone does for a portrait clip; the coded frames are the same.
     """
     encoder = av1_encoder() if codec == "av1" else codec
     if encoder is None or encoder not in av.codecs_available:
@@ -135,6 +138,8 @@ def make_video(
         stream.time_base = Fraction(1, fps)
         if gop_size is not None:
             stream.codec_context.gop_size = gop_size
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
         for i in range(num_frames):
             rgb = _draw(i, size) if draw_index else _gradient(i, size)
             frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
