@@ -8,6 +8,7 @@ unless the name says otherwise (``max_wait_ms``).
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Literal
@@ -16,6 +17,29 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup CPU quota (a container's --cpus, a k8s limit).
+
+    Example: 64 CPUs in the affinity mask and cpu.max "400000 100000" -> 4; "max 100000" -> 64.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = None
+    try:
+        fields = (cgroup_root / "cpu.max").read_text().split()              # cgroup v2: "QUOTA PERIOD" or "max ..."
+        if len(fields) == 2 and fields[0] != "max":
+            quota = int(fields[0]) / int(fields[1])
+    except (OSError, ValueError, ZeroDivisionError):
+        try:                                                                 # cgroup v1
+            q = int((cgroup_root / "cpu" / "cpu.cfs_quota_us").read_text())
+            period = int((cgroup_root / "cpu" / "cpu.cfs_period_us").read_text())
+            quota = q / period if q > 0 and period > 0 else None
+        except (OSError, ValueError):
+            pass
+    if quota is not None and quota > 0:
+        cpus = min(cpus, max(1, math.ceil(quota)))
+    return cpus
 
 
 class Settings(BaseSettings):
@@ -47,7 +71,7 @@ class Settings(BaseSettings):
     queue_size: int = Field(64, ge=1)        # requests waiting for the model (and for a decoder) before 503
 
     # torch threads of the server process (the model thread's matrix products). None: OMP_NUM_THREADS when it is
-    # set, else the CPUs the decoder processes leave free, at least 1: on a 2-core box the model's second
+    # set, else the CPUs (affinity, cgroup quota) the decoder processes leave free, at least 1: on 2 cores the second
     # OpenMP thread would fight the decoders and the event loop for a core (bench/RESULTS.md)
     torch_threads: int | None = Field(None, ge=1)
 
@@ -101,8 +125,7 @@ class Settings(BaseSettings):
             return self.torch_threads
         if os.environ.get("OMP_NUM_THREADS"):
             return None
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return max(1, cpus - self.decode_workers)
+        return max(1, available_cpus() - self.decode_workers)
 
     def guard_options(self) -> dict[str, float | int]:
         """The guard_* fields without their prefix, for GuardSettings.from_options.

@@ -150,16 +150,37 @@ def test_settings_read_the_environment(monkeypatch, tmp_path):
 
 
 def test_torch_threads_leave_the_decoders_their_cores(monkeypatch):
+    import server.settings
+
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(server.settings, "available_cpus", lambda: 8)
     assert Settings(decode_workers=2).resolved_torch_threads() == 6
     assert Settings(decode_workers=3, torch_threads=4).resolved_torch_threads() == 4   # explicit wins
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(server.settings, "available_cpus", lambda: 2)
     assert Settings(decode_workers=2).resolved_torch_threads() == 1                    # never 0
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert Settings().resolved_torch_threads() is None                                 # the operator's choice
     with pytest.raises(ValueError):
         Settings(http="gunicorn")
+
+
+def test_available_cpus_honours_a_container_cpu_limit(monkeypatch, tmp_path):
+    from server.settings import available_cpus
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    (tmp_path / "cpu.max").write_text("400000 100000\n")          # docker --cpus 4 / a k8s limit of 4
+    assert available_cpus(tmp_path) == 4
+    (tmp_path / "cpu.max").write_text("150000 100000\n")          # 1.5 CPUs: round up
+    assert available_cpus(tmp_path) == 2
+    (tmp_path / "cpu.max").write_text("max 100000\n")             # no limit
+    assert available_cpus(tmp_path) == 64
+    (tmp_path / "cpu.max").unlink()                              # cgroup v1
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("200000")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000")
+    assert available_cpus(tmp_path) == 2
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1")     # v1 without a limit
+    assert available_cpus(tmp_path) == 64
 
 
 def test_a_batch_does_not_wait_for_jobs_nobody_is_preparing():
