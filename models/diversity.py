@@ -280,7 +280,7 @@ class SimilarityCache:
     (new, all) ``cdist``), and ``_cached_leader_clusters`` reads the stored matrix. The clusters are the
     same as the uncached path's (same scorer, same values, same ties; tested on random windows).
 
-    Memory: a dense float64 matrix over the distinct keys (grown by doubling), 8 * k^2 bytes: 80 KB at 100,
+    Memory: a dense float64 matrix over the distinct keys (grown by doubling), 8 * k^2 bytes: ~130 KB at 100,
     32 MB at 2,000. Meant for windows up to a few thousand; larger windows should recompute rarely and
     cluster without a cache (the guard does, see ``server/guard.py``).
     """

@@ -121,7 +121,7 @@ _DECORD_REORDER_OK = {"h264": ("mov,mp4,m4a,3gp,3g2,mj2",), "vp8": None, "vp9": 
 # containers whose packets carry true presentation times: PyAV may seek and identify frames by pts
 _PTS_CONTAINERS = {"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm"}
 _ISO_CONTAINER = "mov,mp4,m4a,3gp,3g2,mj2"  # ISO base media files: the track header holds a display matrix
-_MAX_BOXES = 4096  # boxes looked at per level when reading an mp4 header; a real file has a handful
+_MAX_BOXES = 4096  # boxes looked at in all when reading an mp4 header for its rotation; a real file has dozens
 # demuxers that open things that are not videos: text (tty renders .txt as ANSI art) and still images
 _NOT_VIDEO_DEMUXERS = {"tty", "image2", "image2pipe", "bin", "xbin", "adf", "idf"}
 _STILL_DISPOSITIONS = ("attached_pic", "still_image", "timed_thumbnails")
@@ -186,15 +186,16 @@ def display_rotation(path: str | os.PathLike) -> int:
     try:
         with open(path, "rb") as f:
             end = os.fstat(f.fileno()).st_size
-            moov = next((b for b in _boxes(f, 0, end) if b[0] == b"moov"), None)
+            budget = [_MAX_BOXES]   # shared by every level: a hostile header costs at most this many reads
+            moov = next((b for b in _boxes(f, 0, end, budget) if b[0] == b"moov"), None)
             if moov is None:
                 return 0
             movie = (1.0, 0.0, 0.0, 1.0)
-            for kind, start, stop in _boxes(f, moov[1], moov[2]):
+            for kind, start, stop in _boxes(f, moov[1], moov[2], budget):
                 if kind == b"mvhd":
                     movie = _box_matrix(f, start, stop, (16, 28)) or movie
-                elif kind == b"trak" and _track_handler(f, start, stop) == b"vide":
-                    tkhd = next((b for b in _boxes(f, start, stop) if b[0] == b"tkhd"), None)
+                elif kind == b"trak" and _track_handler(f, start, stop, budget) == b"vide":
+                    tkhd = next((b for b in _boxes(f, start, stop, budget) if b[0] == b"tkhd"), None)
                     track = _box_matrix(f, tkhd[1], tkhd[2], (20, 32)) if tkhd else None
                     return _right_angle(track, movie) if track else 0
     except OSError as exc:
@@ -202,10 +203,12 @@ def display_rotation(path: str | os.PathLike) -> int:
     return 0
 
 
-def _boxes(f: Any, start: int, end: int):
-    """(type, payload start, box end) of the ISO boxes between start and end; stops at a malformed one."""
+def _boxes(f: Any, start: int, end: int, budget: list[int]):
+    """(type, payload start, box end) of the ISO boxes between start and end; stops at a malformed one, or
+    when ``budget[0]`` (boxes left to read, shared with the caller's other loops) runs out."""
     pos = start
-    for _ in range(_MAX_BOXES):
+    while budget[0] > 0:
+        budget[0] -= 1
         if pos + 8 > end:
             return
         f.seek(pos)
@@ -227,10 +230,10 @@ def _boxes(f: Any, start: int, end: int):
         pos += size
 
 
-def _track_handler(f: Any, start: int, end: int) -> bytes | None:
+def _track_handler(f: Any, start: int, end: int, budget: list[int]) -> bytes | None:
     """A trak box's handler type (b"vide", b"soun", ...) from mdia/hdlr."""
-    mdia = next((b for b in _boxes(f, start, end) if b[0] == b"mdia"), None)
-    hdlr = next((b for b in _boxes(f, mdia[1], mdia[2]) if b[0] == b"hdlr"), None) if mdia else None
+    mdia = next((b for b in _boxes(f, start, end, budget) if b[0] == b"mdia"), None)
+    hdlr = next((b for b in _boxes(f, mdia[1], mdia[2], budget) if b[0] == b"hdlr"), None) if mdia else None
     if hdlr is None or hdlr[2] - hdlr[1] < 12:
         return None
     f.seek(hdlr[1] + 8)   # version + flags, pre_defined

@@ -434,6 +434,8 @@ def test_rotation_of_a_damaged_header_is_upright_not_an_error(tmp_path):
         "short_large": b"\x00\x00\x00\x01moov\x00\x00",
         "no_hdlr": b"\x00\x00\x00\x18moov" + b"\x00\x00\x00\x10trak" + b"\x00\x00\x00\x08tkhd",
         "empty": b"",
+        # 10,000 empty trak boxes: the shared budget stops the walk after 4,096 boxes, quickly
+        "many_traks": (8 + 10_000 * 8).to_bytes(4, "big") + b"moov" + b"\x00\x00\x00\x08trak" * 10_000,
     }
     for name, data in cases.items():
         path = tmp_path / f"{name}.mp4"
