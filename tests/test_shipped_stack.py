@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from models import synth
@@ -59,6 +60,30 @@ def test_demo_describes_its_videos(demo_outputs):
     per_attribute = {k: np.mean([h[k] for h in hits]) for k in hits[0]}
     assert np.mean(list(per_attribute.values())) >= 0.7, per_attribute
     assert per_attribute["time"] >= 0.9 and per_attribute["trees"] >= 0.9
+
+
+@pytest.mark.slow
+def test_demo_in_bfloat16_as_on_a_gpu_matches_float32(demo_outputs, val_frames, tmp_path):
+    """On a GPU `dtype: auto` runs the stack in bf16: every cast on that path (frames, visual tokens, prompt
+    embeddings, scorer) runs here on the CPU, and the captions must stay the fp32 ones almost everywhere."""
+    from models.components import copy_checkpoint
+
+    copy = copy_checkpoint(CHECKPOINTS / "demo", tmp_path / "demo-bf16")
+    config = json.loads((copy / "capguard.json").read_text())
+    config["llm"]["dtype"] = "bfloat16"
+    (copy / "capguard.json").write_text(json.dumps(config))
+    stack = load_stack(copy, device="cpu")
+    assert stack.dtype == torch.bfloat16 and next(stack.captioner.llm.parameters()).dtype == torch.bfloat16
+    _, rows, reference = demo_outputs
+    frames = val_frames[1][:32]
+    outputs = stack.caption(frames[:16])[0] + stack.caption(frames[16:])[0]
+    same = sum(o.caption == r.caption for o, r in zip(outputs, reference, strict=False))
+    assert same >= 28, [(o.caption, r.caption) for o, r in zip(outputs, reference, strict=False)
+                        if o.caption != r.caption]
+    assert all(np.isfinite(o.text_emb).all() and o.text_emb.dtype == np.float32 for o in outputs)
+    # the same caption scores within bf16's error (~0.01 measured) of its fp32 score
+    gaps = [abs(o.score - r.score) for o, r in zip(outputs, reference, strict=False) if o.caption == r.caption]
+    assert max(gaps) < 0.04, max(gaps)
 
 
 @pytest.mark.slow
