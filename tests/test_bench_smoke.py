@@ -101,3 +101,13 @@ def test_bench_server_compares_captions_with_the_naive_loop():
     assert [r[0] for r in rows] == ["naive", "server", "server"]
     assert all(r[-1] == "6/6" for r in rows)                   # the server's captions are the naive loop's
     assert "throughput / naive loop: c1" in stdout
+
+
+@needs_demo
+def test_cpu_limits_prints_each_stage_against_the_matmul_peak():
+    stdout = run("bench_cpu_limits.py", "--batches", "2", "--repeats", "1")
+    assert "float32 matmul peak" in stdout
+    rows = table_rows(stdout, "batch stage")
+    assert [" ".join(r[1:3]) for r in rows[:3]] == ["vision tower", "LLM prefill", "decode step"]
+    for r in rows[:3]:
+        assert r[0] == "2" and float(r[3]) > 0 and float(r[4]) > 0 and r[6].endswith("%")
