@@ -198,7 +198,7 @@ def display_rotation(path: str | os.PathLike) -> int:
                     tkhd = next((b for b in _boxes(f, start, stop, budget) if b[0] == b"tkhd"), None)
                     track = _box_matrix(f, tkhd[1], tkhd[2], (20, 32)) if tkhd else None
                     return _right_angle(track, movie) if track else 0
-    except OSError as exc:
+    except (OSError, struct.error) as exc:
         log.warning("cannot read the track header of %s (%s); frames are taken as upright", path, exc)
     return 0
 
