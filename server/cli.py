@@ -165,7 +165,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(threads)
-        logging.getLogger(__name__).info("torch uses %d thread(s)", threads)
+        logging.getLogger("server.cli").info("torch uses %d thread(s)", threads)   # also under python -m
     import uvicorn
 
     from server.app import create_app
