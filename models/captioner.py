@@ -44,6 +44,8 @@ class Captioner(nn.Module):
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self._prompt_cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None   # see prompt_embeddings
+        # generate with a fixed-size KV cache: what a compiled LLM forward needs (models.stack.compile_llm)
+        self.static_cache = False
 
     @property
     def device(self) -> torch.device:
@@ -130,6 +132,8 @@ class Captioner(nn.Module):
         options = asdict(gen) | {"max_new_tokens": max(limits)}
         if not options["do_sample"]:
             options.pop("temperature"), options.pop("top_p")
+        if self.static_cache:
+            options["cache_implementation"] = "static"
         out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, pad_token_id=self.pad_id,
                                 eos_token_id=self.eos_id, **options)        # (B, new) new tokens only
         results = []

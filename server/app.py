@@ -130,7 +130,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("checkpoint %s: guard restored from %d logged captions", name, len(rows))
 
     checkpoints = Checkpoints(settings.checkpoints_root, settings.default_checkpoint, settings.device,
-                              on_load=restore_guard)
+                              on_load=restore_guard, compile=settings.compile)
     decoder = DecodePool(settings.decode_workers, settings.decoder, settings.decode_timeout_s,
                          max_pending=settings.queue_size,
                          on_restart=lambda reason: metrics.decoder_restarts.labels(reason).inc())

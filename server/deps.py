@@ -25,7 +25,7 @@ from fastapi import Depends, Request
 from pydantic import SecretStr
 
 from models.config import MANIFEST_NAME, CheckpointError
-from models.stack import CaptionStack, ComponentCache, load_stack
+from models.stack import CaptionStack, ComponentCache, compile_llm, load_stack
 from models.video import VideoLimits
 from server.batcher import Batcher
 from server.decode import DecodePool
@@ -42,13 +42,14 @@ CHECKPOINT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}(/[A-Za-z0-9_-][
 
 class Checkpoints:
     def __init__(self, root: Path, default: str, device: str,
-                 on_load: Callable[[str, CaptionStack], None] = lambda name, stack: None):
+                 on_load: Callable[[str, CaptionStack], None] = lambda name, stack: None, compile: bool = False):
         self.root = Path(root).resolve()
         self.default = default
         self.active = default
         self.history = [default]          # activations, oldest first: where collapse_policy=fallback looks
         self.device = device
         self.on_load = on_load            # runs on the loader thread after a load (guard restore, gauges)
+        self.compile = compile            # models.stack.compile_llm on each load (settings.compile)
         self.cache = ComponentCache()
         self._stacks: dict[str, CaptionStack] = {}
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capguard-load")
@@ -84,6 +85,8 @@ class Checkpoints:
         path = self.path(name)
         try:
             stack = load_stack(path, device=self.device, cache=self.cache, name=name)
+            if self.compile:
+                compile_llm(stack)
         except (CheckpointError, OSError) as exc:
             log.error("checkpoint %s failed to load: %s", name, exc)
             raise ApiError(422, "checkpoint_error", f"checkpoint {name!r} cannot be loaded: {exc}") from exc

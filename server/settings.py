@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     # --- batching
     max_batch_size: int = Field(8, ge=1)     # videos per stack.caption call
     model_threads: int = Field(1, ge=1)      # batches run side by side (server/batcher.py); see bench/RESULTS.md
+    # torch.compile each checkpoint's LLM at load (models.stack.compile_llm): faster generate, ~45 s more per
+    # load on a 2-core CPU; with model_threads 1 (compiled code is warmed up on one thread)
+    compile: bool = False
     # how long a batch waits for company after its first request (only while other requests are uploading or
     # decoding: a lone request never waits); 30 measured best at c4-c8 on the demo stack (bench/RESULTS.md)
     max_wait_ms: float = Field(30.0, ge=0)
