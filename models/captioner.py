@@ -8,6 +8,7 @@ so generation continues from aligned last positions. The same ``build_inputs`` s
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 import torch
@@ -17,6 +18,18 @@ from models.config import VIDEO_PLACEHOLDER, GenerationConfig
 from models.encoder import VisionEncoder
 
 IGNORE_INDEX = -100
+
+
+@functools.cache
+def static_cache_options() -> dict:
+    """generate options for a compiled LLM (models.stack.compile_llm): a fixed-size KV cache, and no compile
+    of transformers' own on top of ours (it compiles by itself on a GPU when the cache is static)."""
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    options = {"cache_implementation": "static"}
+    if hasattr(HFGenerationConfig(), "disable_compile"):   # transformers >= 4.51
+        options["disable_compile"] = True
+    return options
 
 
 @dataclass
@@ -133,7 +146,7 @@ class Captioner(nn.Module):
         if not options["do_sample"]:
             options.pop("temperature"), options.pop("top_p")
         if self.static_cache:
-            options["cache_implementation"] = "static"
+            options.update(static_cache_options())
         out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, pad_token_id=self.pad_id,
                                 eos_token_id=self.eos_id, **options)        # (B, new) new tokens only
         results = []

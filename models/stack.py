@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from models.captioner import Captioner
+from models.captioner import Captioner, static_cache_options
 from models.config import MANIFEST_NAME, CheckpointConfig, CheckpointError, GenerationConfig
 from models.encoder import FramePreprocessor, VisionEncoder, frames_to_tensor, load_open_clip
 from models.projector import build_projector, strip_llava_prefix
@@ -226,8 +226,8 @@ def _warm_up(stack: CaptionStack) -> None:
             embeds, mask, _, _ = cap.build_inputs(visual)
             # min_new_tokens: the one-token decode step must run (and compile) even if EOS comes first
             llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=3, min_new_tokens=3,
-                         do_sample=False, cache_implementation="static", pad_token_id=cap.pad_id,
-                         eos_token_id=cap.eos_id)
+                         do_sample=False, pad_token_id=cap.pad_id, eos_token_id=cap.eos_id,
+                         **static_cache_options())
 
 
 def resolve(directory: Path, relative: str, what: str) -> Path:
