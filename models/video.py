@@ -187,7 +187,7 @@ def display_rotation(path: str | os.PathLike) -> int:
         with open(path, "rb") as f:
             end = os.fstat(f.fileno()).st_size
             budget = [_MAX_BOXES]   # shared by every level: a hostile header costs at most this many reads
-            moov = next((b for b in _boxes(f, 0, end, budget) if b[0] == b"moov"), None)
+            moov = _find_box(f, 0, end, b"moov", budget)
             if moov is None:
                 return 0
             movie = (1.0, 0.0, 0.0, 1.0)
@@ -195,7 +195,7 @@ def display_rotation(path: str | os.PathLike) -> int:
                 if kind == b"mvhd":
                     movie = _box_matrix(f, start, stop, (16, 28)) or movie
                 elif kind == b"trak" and _track_handler(f, start, stop, budget) == b"vide":
-                    tkhd = next((b for b in _boxes(f, start, stop, budget) if b[0] == b"tkhd"), None)
+                    tkhd = _find_box(f, start, stop, b"tkhd", budget)
                     track = _box_matrix(f, tkhd[1], tkhd[2], (20, 32)) if tkhd else None
                     return _right_angle(track, movie) if track else 0
     except (OSError, struct.error) as exc:
@@ -230,10 +230,15 @@ def _boxes(f: Any, start: int, end: int, budget: list[int]):
         pos += size
 
 
+def _find_box(f: Any, start: int, end: int, kind: bytes, budget: list[int]) -> tuple[bytes, int, int] | None:
+    """The first box of type `kind` between start and end, as _boxes yields it; None if there is none."""
+    return next((box for box in _boxes(f, start, end, budget) if box[0] == kind), None)
+
+
 def _track_handler(f: Any, start: int, end: int, budget: list[int]) -> bytes | None:
     """A trak box's handler type (b"vide", b"soun", ...) from mdia/hdlr."""
-    mdia = next((b for b in _boxes(f, start, end, budget) if b[0] == b"mdia"), None)
-    hdlr = next((b for b in _boxes(f, mdia[1], mdia[2], budget) if b[0] == b"hdlr"), None) if mdia else None
+    mdia = _find_box(f, start, end, b"mdia", budget)
+    hdlr = _find_box(f, mdia[1], mdia[2], b"hdlr", budget) if mdia else None
     if hdlr is None or hdlr[2] - hdlr[1] < 12:
         return None
     f.seek(hdlr[1] + 8)   # version + flags, pre_defined

@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     # --- batching
     max_batch_size: int = Field(8, ge=1)     # videos per stack.caption call
     model_threads: int = Field(1, ge=1)      # batches run side by side (server/batcher.py); see bench/RESULTS.md
-    # torch.compile each checkpoint's LLM at load (models.stack.compile_llm): faster generate, ~45 s more per
+    # torch.compile each checkpoint's LLM at load (models.stack.compile_llm): faster generate, 20-64 s more per
     # load on a 2-core CPU; with model_threads 1 (compiled code is warmed up on one thread)
     compile: bool = False
     # how long a batch waits for company after its first request (only while other requests are uploading or
