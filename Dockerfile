@@ -20,6 +20,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 COPY pyproject.toml README.md /tmp/capguard/
 COPY models /tmp/capguard/models
 COPY server /tmp/capguard/server
+# capguard/ holds the package's __init__ and links to models/ and server/ (one import name: capguard)
+COPY capguard /tmp/capguard/capguard
 RUN pip list --format=freeze | grep -iE '^(torch|torchvision)==' > /tmp/base-torch.txt \
     && pip install --no-cache-dir --constraint /tmp/base-torch.txt /tmp/capguard \
     && rm -rf /tmp/capguard /tmp/base-torch.txt \

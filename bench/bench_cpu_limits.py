@@ -63,8 +63,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from bench_server import DEFAULT_MANIFEST, manifest_videos
 
-    from models.stack import load_stack
-    from models.video import sample_frames
+    from capguard.models.stack import load_stack
+    from capguard.models.video import sample_frames
 
     peak, size = matmul_peak(args.repeats)
     print(f"torch {torch.__version__}, {args.threads} thread(s): float32 matmul peak {peak:.1f} GFLOP/s "

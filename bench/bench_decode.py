@@ -37,7 +37,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from videomaker import av1_encoder, make_video, read_index  # noqa: E402
 
-from models.video import sample_frames, sample_indices, scaled_size  # noqa: E402
+from capguard.models.video import sample_frames, sample_indices, scaled_size  # noqa: E402
 
 BACKENDS = ("decord", "pyav", "sequential", "auto")
 

@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from server.guard import Guard, GuardSettings
+from capguard.server.guard import Guard, GuardSettings
 
 
 def healthy_captions(n: int, seed: int) -> list[str]:

@@ -44,8 +44,8 @@ from bench_server import manifest_videos  # noqa: E402
 
 def request_times(checkpoint: Path, paths: list[Path]) -> tuple[float, float, list]:
     """(seconds of one request at c1, model seconds per video in a batch of 8, the stack's outputs)."""
-    from models.stack import load_stack
-    from models.video import sample_frames
+    from capguard.models.stack import load_stack
+    from capguard.models.video import sample_frames
 
     def work():
         stack = load_stack(checkpoint, device="cpu")
@@ -66,8 +66,8 @@ def request_times(checkpoint: Path, paths: list[Path]) -> tuple[float, float, li
 
 
 def guard_settings(window: int, stack_guard: dict):
-    from server.guard import GuardSettings
-    from server.settings import Settings
+    from capguard.server.guard import GuardSettings
+    from capguard.server.settings import Settings
 
     options = {**Settings().guard_options(), "window": window, **stack_guard}
     options["min_captions"] = min(options["min_captions"], window)
@@ -76,8 +76,8 @@ def guard_settings(window: int, stack_guard: dict):
 
 def added_work(window: int, outputs: list, stack_guard: dict, observations: int) -> tuple[np.ndarray, np.ndarray]:
     """Seconds of (guard.observe, everything else) for each of `observations` requests, after a full window."""
-    from server.guard import Guard
-    from server.metrics import Metrics
+    from capguard.server.guard import Guard
+    from capguard.server.metrics import Metrics
 
     settings = guard_settings(window, stack_guard)
     dim = outputs[0].text_emb.shape[0]
@@ -107,10 +107,10 @@ def scrape_times(checkpoint_dir: Path, window: int, scrapes: int, dim: int) -> t
     """(median, p99 seconds of GET /metrics, seconds to start the app) with a full guard window restored."""
     from fastapi.testclient import TestClient
 
-    from models.stack import load_stack
-    from server.app import create_app
-    from server.settings import Settings
-    from server.storage import CaptionLog, CaptionRecord
+    from capguard.models.stack import load_stack
+    from capguard.server.app import create_app
+    from capguard.server.settings import Settings
+    from capguard.server.storage import CaptionLog, CaptionRecord
 
     stack = load_stack(checkpoint_dir, device="cpu")
     with tempfile.TemporaryDirectory(prefix="capguard-bench-") as tmp:

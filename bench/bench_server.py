@@ -150,8 +150,8 @@ def naive_runner(checkpoint: Path, device: str) -> tuple[Callable[..., Run],
                                                          Callable[[list[Path], int], float]]:
     """(the naive loop over some videos, the model's own ms per video at a batch size), both run on one
     dedicated worker thread (module docstring)."""
-    from models.stack import load_stack
-    from models.video import sample_frames
+    from capguard.models.stack import load_stack
+    from capguard.models.video import sample_frames
 
     thread = ThreadPoolExecutor(1, thread_name_prefix="naive")
     stack = thread.submit(load_stack, checkpoint, device).result()
@@ -204,7 +204,7 @@ def free_port() -> int:
 class Variant:
     """A server to measure: this tree's by default, or another source tree's, with extra environment."""
     label: str                                   # row label: "server", or the --variant name
-    tree: Path = REPO                            # `python -m server.cli` runs from here
+    tree: Path = REPO                            # `python -m capguard.server.cli` runs from here
     env: dict[str, str] = field(default_factory=dict)   # e.g. {"CAPGUARD_GUARD_RECOMPUTE_EVERY": "8"}
 
 
@@ -235,7 +235,7 @@ def start_server(checkpoint: Path, data_dir: Path, device: str, threads: int,
            "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
            **variant.env}
     with log_path.open("wb") as log:   # `python -m` in the tree: its own server/ and models/
-        process = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port),
+        process = subprocess.Popen([sys.executable, "-m", "capguard.server.cli", "serve", "--port", str(port),
                                     "--checkpoint", str(checkpoint.resolve())],
                                    env=env, stdout=log, stderr=subprocess.STDOUT, cwd=variant.tree)
     url = f"http://127.0.0.1:{port}"

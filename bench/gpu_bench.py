@@ -44,11 +44,17 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from models.captioner import Captioner  # noqa: E402
-from models.config import CheckpointConfig, GenerationConfig, LLMConfig, ProjectorConfig, VisionConfig  # noqa: E402
-from models.encoder import VisionEncoder  # noqa: E402
-from models.projector import build_projector  # noqa: E402
-from models.stack import CaptionStack  # noqa: E402
+from capguard.models.captioner import Captioner  # noqa: E402
+from capguard.models.config import (  # noqa: E402
+    CheckpointConfig,
+    GenerationConfig,
+    LLMConfig,
+    ProjectorConfig,
+    VisionConfig,
+)
+from capguard.models.encoder import VisionEncoder  # noqa: E402
+from capguard.models.projector import build_projector  # noqa: E402
+from capguard.models.stack import CaptionStack  # noqa: E402
 
 OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 

@@ -5,7 +5,7 @@
     .venv/bin/python bench/stress.py --checkpoint-root checkpoints --checkpoint demo   # a trained stack
 
 It starts ``capguard serve`` as a subprocess on a free port, with a temp data dir, two decoder processes
-running tests/test_server_hooks.py's decoder (which decodes like models.video unless a file starts with
+running tests/test_server_hooks.py's decoder (which decodes like capguard.models.video unless a file starts with
 one of its magic words: then the worker really segfaults, aborts or hangs), and runs five phases:
 
 1. fuzz    >= 1000 (quick: ~100) uploads: seed videos in h264/mp4, mpeg4/avi, vp9/webm, av1/mkv with bit
@@ -279,7 +279,7 @@ class Server:
                     "CAPGUARD_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
                     "CAPGUARD_ADMIN_TOKEN": ADMIN_TOKEN, "CAPGUARD_METRICS_TOKEN": METRICS_TOKEN}
         script = Path(sys.executable).with_name("capguard")
-        self.command = [str(script)] if script.exists() else [sys.executable, "-m", "server.cli"]
+        self.command = [str(script)] if script.exists() else [sys.executable, "-m", "capguard.server.cli"]
         self.process: subprocess.Popen | None = None
 
     @property
@@ -584,7 +584,7 @@ class Run:
         if args.checkpoint_root:
             return Path(args.checkpoint_root).resolve(), args.checkpoint
         root = tmp / "checkpoints"
-        subprocess.run([sys.executable, "-m", "server.cli", "init-checkpoint", str(root / args.checkpoint)],
+        subprocess.run([sys.executable, "-m", "capguard.server.cli", "init-checkpoint", str(root / args.checkpoint)],
                        check=True, cwd=REPO, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         return root, args.checkpoint
 
@@ -722,7 +722,7 @@ def phase_fuzz(run: Run) -> None:
     with ThreadPoolExecutor(run.plan.fuzz_clients) as pool:
         for case, answer in zip(cases, pool.map(one, cases), strict=True):
             phase.count(answer)
-            if answer.code == "decode_failed":   # models.video let a non-VideoError out: a decoder bug
+            if answer.code == "decode_failed":   # capguard.models.video let a non-VideoError out: a decoder bug
                 phase.violate(f"{case[0]}: decode_failed: {answer.body['error']['message']}")
     run.settle(phase)
 

@@ -14,15 +14,15 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from models.config import VIDEO_PLACEHOLDER, GenerationConfig
-from models.encoder import VisionEncoder
+from capguard.models.config import VIDEO_PLACEHOLDER, GenerationConfig
+from capguard.models.encoder import VisionEncoder
 
 IGNORE_INDEX = -100
 
 
 @functools.cache
 def static_cache_options() -> dict:
-    """generate options for a compiled LLM (models.stack.compile_llm): a fixed-size KV cache, and no compile
+    """generate options for a compiled LLM (capguard.models.stack.compile_llm): a fixed-size KV cache, and no compile
     of transformers' own on top of ours (it compiles by itself on a GPU when the cache is static)."""
     from transformers import GenerationConfig as HFGenerationConfig
 
@@ -57,7 +57,7 @@ class Captioner(nn.Module):
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self._prompt_cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None   # see prompt_embeddings
-        # generate with a fixed-size KV cache: what a compiled LLM forward needs (models.stack.compile_llm)
+        # generate with a fixed-size KV cache: what a compiled LLM forward needs (capguard.models.stack.compile_llm)
         self.static_cache = False
 
     @property

@@ -17,7 +17,7 @@ import open_clip
 import torch
 import torch.nn as nn
 
-from models.config import (
+from capguard.models.config import (
     CheckpointConfig,
     GenerationConfig,
     LLMConfig,
@@ -25,9 +25,9 @@ from models.config import (
     ScorerConfig,
     VisionConfig,
 )
-from models.encoder import OPEN_CLIP_CONFIG
-from models.projector import build_projector
-from models.weights import save_state_dict
+from capguard.models.encoder import OPEN_CLIP_CONFIG
+from capguard.models.projector import build_projector
+from capguard.models.weights import save_state_dict
 
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 # A few sentences in both languages so a random-init tokenizer covers Hangul and Latin text.

@@ -100,7 +100,7 @@ class CheckpointConfig:
         config = cls(**kwargs)
         if VIDEO_PLACEHOLDER not in config.prompt:
             raise CheckpointError(f"{where}: prompt must contain the {VIDEO_PLACEHOLDER} placeholder")
-        from models.diversity import GuardThresholds
+        from capguard.models.diversity import GuardThresholds
 
         unknown = set(config.guard) - {f.name for f in fields(GuardThresholds)}
         if unknown:

@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.config import CheckpointError
-from models.weights import load_strict, read_state_dict, weight_files
+from capguard.models.config import CheckpointError
+from capguard.models.weights import load_strict, read_state_dict, weight_files
 
 log = logging.getLogger(__name__)
 OPEN_CLIP_CONFIG = "open_clip_config.json"

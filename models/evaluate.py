@@ -9,13 +9,13 @@ diversity, SigLIP and a representative caption, plus what that report lacked: ne
 grounding R@1, a verdict from the live guard's own rules, and the SigLIP-vs-diversity relation whose
 sign was the report's trap (E5-v3: SigLIP rose while diversity fell).
 
-Every diversity figure comes from models.diversity, the functions the server's guard uses. This module
+Every diversity figure comes from capguard.models.diversity, the functions the server's guard uses. This module
 adds only what needs references or several checkpoints: BLEU and chrF (sacrebleu), CIDEr-D (hand-written,
-see ``cider_d``), attribute accuracy (models.synth) and a Spearman rank correlation (numpy, ``spearman``).
+see ``cider_d``), attribute accuracy (capguard.models.synth) and a Spearman rank correlation (numpy, ``spearman``).
 
 Outputs in out_dir, each rewritten atomically after every checkpoint so a reader (the server, a browser
 refresh) never sees half a file: report.json (the dict ``evaluate`` returns), captions.jsonl (one line
-per checkpoint x video) and report.html (models.report.render_html).
+per checkpoint x video) and report.html (capguard.models.report.render_html).
 
 Cost: each video is decoded once per (frame count, frame size), normally once, and the frames are reused
 by every checkpoint; checkpoints load one at a time through one ComponentCache, so epochs sharing an
@@ -42,8 +42,8 @@ import sacrebleu
 from sacrebleu.metrics import BLEU, CHRF
 from tqdm import tqdm
 
-from models.config import MANIFEST_NAME, CheckpointConfig
-from models.diversity import GuardThresholds, diversity_report, normalize_caption, tripped_rules
+from capguard.models.config import MANIFEST_NAME, CheckpointConfig
+from capguard.models.diversity import GuardThresholds, diversity_report, normalize_caption, tripped_rules
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ def cider_d(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[S
 
 
 def caption_tokens(text: str, lang: str) -> list[str]:
-    """Units for CIDEr-D: Hangul syllables for Korean (spacing-free, like every count in models.diversity:
+    """Units for CIDEr-D: Hangul syllables for Korean (spacing-free, like every count in capguard.models.diversity:
     Korean word spacing varies and particles attach to words), words of the normalized caption otherwise.
 
     Example: ("낮의 풍경.", "ko") -> ["낮", "의", "풍", "경"];
@@ -304,7 +304,7 @@ def metric_notes(lang: str | None) -> dict:
                 "spacing ignored) (0-100)",
         "cider_d": "CIDEr-D, n=1..4, sigma=6, idf from this data set's references, units: "
                    + ("Hangul syllables" if lang == "ko" else "words") + " (0-10)",
-        "attribute_accuracy": "models.synth.attribute_accuracy: share of the 7 attributes a caption states "
+        "attribute_accuracy": "capguard.models.synth.attribute_accuracy: share of the 7 attributes a caption states "
                               "correctly (an attribute left out counts as wrong), mean over videos",
     }
 
@@ -315,7 +315,7 @@ def attribute_scores(captions: Sequence[str], attributes: Sequence[dict | None],
     Example: one caption stating 6 of the 7 attributes right -> {"mean": 0.857, "by_attribute": {...},
     "n": 1}.
     """
-    from models import synth
+    from capguard.models import synth
 
     hits: dict[str, list[bool]] = {}
     per_video = []
@@ -486,7 +486,7 @@ def build_report(rows: Sequence[dict], dataset: dict | None = None, run: dict | 
 
 
 def _sample(path: Path, num_frames: int, max_side: int) -> np.ndarray:
-    from models.video import VideoLimits, sample_frames
+    from capguard.models.video import VideoLimits, sample_frames
 
     return sample_frames(path, num_frames, VideoLimits(), max_side=max_side).frames
 
@@ -509,7 +509,7 @@ class _FrameStore:
         key = (num_frames, side, index)
         if key in self.frames:
             return self.frames[key]
-        from models.video import VideoError
+        from capguard.models.video import VideoError
 
         start = time.perf_counter()
         try:
@@ -542,7 +542,7 @@ class Evaluator:
                  cache=None, progress_callback: ProgressCallback | None = None, progress_bar: bool = True,
                  frame_loader: FrameLoader | None = None, expected_checkpoints: int = 1,
                  max_new_tokens: int | None = None, max_frame_bytes: int = 4 * 2**30):
-        from models.stack import ComponentCache
+        from capguard.models.stack import ComponentCache
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -574,7 +574,7 @@ class Evaluator:
         """
         import torch
 
-        from models.stack import load_stack
+        from capguard.models.stack import load_stack
 
         directory = Path(checkpoint_dir)
         start = time.perf_counter()
@@ -683,7 +683,7 @@ class Evaluator:
 
     def write(self) -> dict:
         """Rewrite report.json, captions.jsonl and report.html (each atomically); returns the report."""
-        from models.report import render_html
+        from capguard.models.report import render_html
 
         report = self.report()
         _atomic_write(self.out_dir / "report.json", json.dumps(report, ensure_ascii=False, indent=1) + "\n")

@@ -1,6 +1,6 @@
 """The evaluation report as one self-contained HTML page: tables, an inline SVG chart, the top modes.
 
-    html_text = render_html(report)      # report: the dict models.evaluate.evaluate returns
+    html_text = render_html(report)      # report: the dict capguard.models.evaluate.evaluate returns
 
 Self-contained: no script, no stylesheet or font from elsewhere, and a Content-Security-Policy that
 forbids both, so the page renders offline and from a file. Every string that comes from a model or a
@@ -189,7 +189,7 @@ def modes_section(rows: list[dict]) -> str:
 
 
 def render_html(report: dict) -> str:
-    """The whole page for a report dict (see models.evaluate.build_report for its keys)."""
+    """The whole page for a report dict (see capguard.models.evaluate.build_report for its keys)."""
     rows = report.get("checkpoints") or []
     dataset = report.get("dataset") or {}
     run = report.get("run") or {}

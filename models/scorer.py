@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.config import CheckpointError
+from capguard.models.config import CheckpointError
 
 log = logging.getLogger(__name__)
 

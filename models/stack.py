@@ -18,12 +18,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from models.captioner import Captioner, static_cache_options
-from models.config import MANIFEST_NAME, CheckpointConfig, CheckpointError, GenerationConfig
-from models.encoder import FramePreprocessor, VisionEncoder, frames_to_tensor, load_open_clip
-from models.projector import build_projector, strip_llava_prefix
-from models.scorer import Scorer, load_tokenizer
-from models.weights import fingerprint, load_strict, read_state_dict, weight_files
+from capguard.models.captioner import Captioner, static_cache_options
+from capguard.models.config import MANIFEST_NAME, CheckpointConfig, CheckpointError, GenerationConfig
+from capguard.models.encoder import FramePreprocessor, VisionEncoder, frames_to_tensor, load_open_clip
+from capguard.models.projector import build_projector, strip_llava_prefix
+from capguard.models.scorer import Scorer, load_tokenizer
+from capguard.models.weights import fingerprint, load_strict, read_state_dict, weight_files
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@
 2. A small Llama-architecture LM, pre-trained on caption text.
 3. The captioner: stage 1 trains the projector only, stage 2 the projector and the LLM; warmup +
    cosine LR, gradient clipping, early stopping on validation loss. Every epoch is validated the
-   way capguard watches a server (one implementation: models.diversity) and written as a
+   way capguard watches a server (one implementation: capguard.models.diversity) and written as a
    checkpoint that points at the shared encoder (and at the pre-trained LLM while it is frozen).
 
 Vision features are computed once (the encoder is frozen while the captioner trains), so an
@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from models.captioner import Captioner
-from models.components import (
+from capguard.models.captioner import Captioner
+from capguard.models.components import (
     TinySizes,
     build_clip,
     build_llm,
@@ -40,12 +40,12 @@ from models.components import (
     write_llm_dir,
     write_open_clip_dir,
 )
-from models.config import GenerationConfig, ScorerConfig, VisionConfig
-from models.diversity import GuardThresholds, diversity_report, tripped_rules
-from models.encoder import FramePreprocessor, VisionEncoder, load_open_clip
-from models.projector import build_projector
-from models.scorer import Scorer, load_tokenizer
-from models.video import sample_frames
+from capguard.models.config import GenerationConfig, ScorerConfig, VisionConfig
+from capguard.models.diversity import GuardThresholds, diversity_report, tripped_rules
+from capguard.models.encoder import FramePreprocessor, VisionEncoder, load_open_clip
+from capguard.models.projector import build_projector
+from capguard.models.scorer import Scorer, load_tokenizer
+from capguard.models.video import sample_frames
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +252,7 @@ class EpochStats:
 def validate(captioner: Captioner, val_feats, val_rows, val_targets, scorer: Scorer, val_video_emb,
              batch: int, lang: str):
     """Validation loss, greedy captions, their DiversityReport, SigLIP mean and attribute accuracy."""
-    from models import synth
+    from capguard.models import synth
 
     captioner.eval()
     losses, captions = [], []
@@ -372,7 +372,7 @@ def run(cfg: TrainConfig) -> list[EpochStats]:
 
     if cfg.reuse_shared and (shared / "siglip").is_dir() and (shared / "llm").is_dir():
         log.info("reusing the shared encoder/scorer and LM in %s", shared)
-        from models.stack import load_llm
+        from capguard.models.stack import load_llm
 
         clip, preprocess_cfg = load_open_clip(shared / "siglip")
         clip = clip.float()

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from models.config import CheckpointError
+from capguard.models.config import CheckpointError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 

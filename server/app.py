@@ -21,15 +21,15 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from models.video import VideoLimits
-from server.batcher import Batcher
-from server.decode import DecodePool, import_function
-from server.deps import AppState, Checkpoints
-from server.errors import ApiError, install_error_handlers
-from server.evaluations import EvaluationManager, JobStore
-from server.guard import GuardRegistry, GuardSettings
-from server.metrics import Metrics
-from server.routes import (
+from capguard.models.video import VideoLimits
+from capguard.server.batcher import Batcher
+from capguard.server.decode import DecodePool, import_function
+from capguard.server.deps import AppState, Checkpoints
+from capguard.server.errors import ApiError, install_error_handlers
+from capguard.server.evaluations import EvaluationManager, JobStore
+from capguard.server.guard import GuardRegistry, GuardSettings
+from capguard.server.metrics import Metrics
+from capguard.server.routes import (
     caption_router,
     checkpoints_router,
     evaluations_router,
@@ -37,9 +37,9 @@ from server.routes import (
     metrics_router,
     ui_router,
 )
-from server.routes.caption import run_batch
-from server.settings import Settings
-from server.storage import CaptionLog
+from capguard.server.routes.caption import run_batch
+from capguard.server.settings import Settings
+from capguard.server.storage import CaptionLog
 
 log = logging.getLogger(__name__)
 

@@ -22,13 +22,13 @@ DEFAULT_CHECKPOINT = REPO_ROOT / "checkpoints" / "demo"
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name in ("models", "server"):
+    for name in ("capguard",):
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
-    from models.stack import load_stack
-    from models.video import VideoError, VideoLimits, sample_frames
+    from capguard.models.stack import load_stack
+    from capguard.models.video import VideoError, VideoLimits, sample_frames
 
     stack = load_stack(args.checkpoint, device=args.device, with_scorer=not args.no_score)
     num_frames = args.num_frames or stack.config.num_frames
@@ -63,7 +63,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def cmd_init_checkpoint(args: argparse.Namespace) -> int:
-    from models.components import init_checkpoint
+    from capguard.models.components import init_checkpoint
 
     options = json.loads(args.options) if args.options else None
     path = init_checkpoint(args.directory, args.projector, options=options, seed=args.seed)
@@ -72,7 +72,7 @@ def cmd_init_checkpoint(args: argparse.Namespace) -> int:
 
 
 def cmd_make_videos(args: argparse.Namespace) -> int:
-    from models.synth import make_dataset
+    from capguard.models.synth import make_dataset
 
     manifests = make_dataset(args.out, n_train=args.train, n_val=args.val, seed=args.seed,
                              size=args.size, seconds=args.seconds, fps=args.fps)
@@ -81,7 +81,7 @@ def cmd_make_videos(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from models.train import TrainConfig, run
+    from capguard.models.train import TrainConfig, run
 
     cfg = TrainConfig(data=args.data, out=args.out, run=args.run or args.projector, lang=args.lang,
                       projector=args.projector, projector_options=json.loads(args.options or "{}"),
@@ -105,7 +105,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from models.evaluate import evaluate, load_dataset, watch
+    from capguard.models.evaluate import evaluate, load_dataset, watch
 
     if not args.watch and (args.once or args.max_checkpoints is not None):
         print("capguard evaluate: error: --once and --max-checkpoints only apply to --watch DIR", file=sys.stderr)
@@ -142,8 +142,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from models.config import MANIFEST_NAME
-    from server.settings import Settings
+    from capguard.models.config import MANIFEST_NAME
+    from capguard.server.settings import Settings
 
     settings = Settings()
     if args.checkpoint:
@@ -165,10 +165,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(threads)
-        logging.getLogger("server.cli").info("torch uses %d thread(s)", threads)   # also under python -m
+        logging.getLogger("capguard.server.cli").info("torch uses %d thread(s)", threads)   # also under python -m
     import uvicorn
 
-    from server.app import create_app
+    from capguard.server.app import create_app
 
     uvicorn.run(create_app(settings), host=args.host, port=args.port, http=settings.http, loop=settings.loop,
                 log_level="debug" if args.verbose else "info")
@@ -176,12 +176,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from models.components import copy_checkpoint
+    from capguard.models.components import copy_checkpoint
 
     relink = tuple(args.relink.split("=", 1)) if args.relink else None
     path = copy_checkpoint(args.source, args.dest, name=args.name, relink=relink)
     if args.guard:
-        from models.config import CheckpointConfig
+        from capguard.models.config import CheckpointConfig
 
         config = CheckpointConfig.load(path)
         config.guard = json.loads(args.guard)
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except Exception as exc:  # noqa: BLE001 - one clear line for the user, the trace with -v
-        from models.config import CheckpointError
+        from capguard.models.config import CheckpointError
 
         if isinstance(exc, (CheckpointError, FileNotFoundError)) and not args.verbose:
             print(f"capguard {args.command}: error: {exc}", file=sys.stderr)

@@ -8,7 +8,7 @@ request gets ``decoder_crashed`` and a fresh worker takes the dead one's place; 
 than the time limit it is killed and replaced (``decode_timeout``). Other decodes run in other
 workers and never notice.
 
-    pool = DecodePool(2, "models.video:sample_frames", timeout_s=30, max_pending=64); pool.start()
+    pool = DecodePool(2, "capguard.models.video:sample_frames", timeout_s=30, max_pending=64); pool.start()
     video = await pool.decode(path, num_frames=8, limits=VideoLimits(), max_side=128)
     video.frames.shape    # (8, H, W, 3) uint8
 
@@ -59,7 +59,7 @@ class DecodedVideo:
 
 
 class DecodeFailed(Exception):
-    """The decode did not give frames; `code` is a models.video code, decoder_crashed or decode_timeout."""
+    """The decode did not give frames; `code` is a capguard.models.video code, decoder_crashed or decode_timeout."""
 
     def __init__(self, code: str, message: str):
         super().__init__(message)
@@ -67,7 +67,7 @@ class DecodeFailed(Exception):
 
 
 def import_function(spec: str) -> Callable:
-    """"package.module:function" -> the function. Example: "models.video:sample_frames"."""
+    """"package.module:function" -> the function. Example: "capguard.models.video:sample_frames"."""
     module, sep, name = spec.partition(":")
     if not sep or not module or not name:
         raise ValueError(f"decoder must look like 'package.module:function', got {spec!r}")
@@ -122,7 +122,7 @@ def _worker_entry(fd: int, decoder: str) -> None:
 # imports), then this module. Unlike multiprocessing's spawn it does not re-run the parent's
 # __main__, which may import torch or not be a file at all (stdin, notebooks).
 _BOOTSTRAP = ("import json, sys; sys.path[:] = json.loads(sys.argv[3]); "
-              "from server.decode import _worker_entry; _worker_entry(int(sys.argv[1]), sys.argv[2])")
+              "from capguard.server.decode import _worker_entry; _worker_entry(int(sys.argv[1]), sys.argv[2])")
 
 
 def describe_exit(code: int) -> str:

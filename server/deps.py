@@ -24,16 +24,16 @@ from typing import Annotated
 from fastapi import Depends, Request
 from pydantic import SecretStr
 
-from models.config import MANIFEST_NAME, CheckpointError
-from models.stack import CaptionStack, ComponentCache, compile_llm, load_stack
-from models.video import VideoLimits
-from server.batcher import Batcher
-from server.decode import DecodePool
-from server.errors import ApiError
-from server.guard import GuardRegistry
-from server.metrics import Metrics
-from server.settings import Settings
-from server.storage import CaptionLog
+from capguard.models.config import MANIFEST_NAME, CheckpointError
+from capguard.models.stack import CaptionStack, ComponentCache, compile_llm, load_stack
+from capguard.models.video import VideoLimits
+from capguard.server.batcher import Batcher
+from capguard.server.decode import DecodePool
+from capguard.server.errors import ApiError
+from capguard.server.guard import GuardRegistry
+from capguard.server.metrics import Metrics
+from capguard.server.settings import Settings
+from capguard.server.storage import CaptionLog
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class Checkpoints:
         self.history = [default]          # activations, oldest first: where collapse_policy=fallback looks
         self.device = device
         self.on_load = on_load            # runs on the loader thread after a load (guard restore, gauges)
-        self.compile = compile            # models.stack.compile_llm on each load (settings.compile)
+        self.compile = compile            # capguard.models.stack.compile_llm on each load (settings.compile)
         self.cache = ComponentCache()
         self._stacks: dict[str, CaptionStack] = {}
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capguard-load")

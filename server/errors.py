@@ -16,11 +16,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.schemas import ErrorResponse
+from capguard.server.schemas import ErrorResponse
 
 log = logging.getLogger(__name__)
 
-# models.video error codes (and the decode pool's own) -> HTTP status
+# capguard.models.video error codes (and the decode pool's own) -> HTTP status
 VIDEO_ERROR_STATUS = {
     "video_too_large": 413,
     "resolution_too_large": 413,

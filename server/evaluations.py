@@ -1,4 +1,4 @@
-"""Evaluation jobs: models.evaluate run in the background, one job at a time, each in its own process.
+"""Evaluation jobs: capguard.models.evaluate run in the background, one job at a time, each in its own process.
 
     store = JobStore(data_dir / "evaluations.db")
     manager = EvaluationManager(store, data_dir / "evaluations", timeout_s=6 * 3600); manager.start()
@@ -16,9 +16,9 @@ and can be killed on cancel or timeout without leaving locks held. It costs a se
 (tens of MB for the shipped stacks) and a few seconds of imports per job. On a GPU it shares the device
 (one more CUDA context).
 
-The child is ``python -m server.evaluations run JOB_DIR`` (the server starts it with its own sys.path).
+The child is ``python -m capguard.server.evaluations run JOB_DIR`` (the server starts it with its own sys.path).
 It reads JOB_DIR/job.json, writes its progress and, on an exception, its error to the job table, and the
-report files (report.json, report.html, captions.jsonl; models.evaluate rewrites each atomically after
+report files (report.json, report.html, captions.jsonl; capguard.models.evaluate rewrites each atomically after
 every checkpoint) into JOB_DIR; its log goes to JOB_DIR/job.log. The server's manager thread decides the
 final status from the exit code. The child gets SIGKILL when the server dies (PR_SET_PDEATHSIG), so a
 killed server leaves no orphan writing into a job directory.
@@ -53,7 +53,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.decode import describe_exit
+from capguard.server.decode import describe_exit
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +105,12 @@ class JobSpec:
     checkpoints: list[list[str]]   # [[name, absolute dir], ...] in report order; names label the rows
     dataset: str                   # as requested, relative to datasets_root (the child runs there)
     datasets_root: str             # absolute; the job process's working directory
-    references: str = "auto"       # models.evaluate.load_dataset references
+    references: str = "auto"       # capguard.models.evaluate.load_dataset references
     limit: int | None = None       # first N videos
     num_frames: int | None = None  # None: each checkpoint's own
     device: str = "auto"           # the server's device setting
-    decoder: str = "models.video:sample_frames"   # the server's decoder setting, "module:function"
-    limits: dict = dataclasses.field(default_factory=dict)   # models.video.VideoLimits fields
+    decoder: str = "capguard.models.video:sample_frames"   # the server's decoder setting, "module:function"
+    limits: dict = dataclasses.field(default_factory=dict)   # capguard.models.video.VideoLimits fields
     threads: int = 1               # torch threads in the job process
     nice: int = 10                 # added niceness of the job process
 
@@ -266,9 +266,9 @@ class JobStore:
 # The manager: a thread in the server that runs queued jobs one at a time as child processes
 
 # The child's whole program: the server's sys.path (so its decoder setting imports the same modules),
-# then this module's main. Like server.decode, it does not re-run the server's __main__.
+# then this module's main. Like capguard.server.decode, it does not re-run the server's __main__.
 _BOOTSTRAP = ("import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
-              "from server.evaluations import main; sys.exit(main(['run', sys.argv[2], '--parent-pid', sys.argv[3]]))")
+              "from capguard.server.evaluations import main; sys.exit(main(['run', sys.argv[2], '--parent-pid', sys.argv[3]]))")
 
 
 class EvaluationManager:
@@ -464,9 +464,9 @@ def run_job(directory: Path, parent_pid: int | None = None) -> int:
     try:
         import torch
 
-        from models.evaluate import Evaluator, component_paths, load_dataset
-        from models.video import VideoLimits
-        from server.decode import import_function
+        from capguard.models.evaluate import Evaluator, component_paths, load_dataset
+        from capguard.models.video import VideoLimits
+        from capguard.server.decode import import_function
 
         torch.set_num_threads(spec.threads)
         decode = import_function(spec.decoder)
@@ -500,10 +500,10 @@ def run_job(directory: Path, parent_pid: int | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m server.evaluations run JOB_DIR``: what the server starts per job (also by hand, to debug)."""
+    """``python -m capguard.server.evaluations run JOB_DIR``: what the server starts per job (also by hand, to debug)."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m server.evaluations", description="run one evaluation job")
+    parser = argparse.ArgumentParser(prog="python -m capguard.server.evaluations", description="run one evaluation job")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="caption JOB_DIR/job.json's data set; progress goes to the job table")
     run.add_argument("job_dir", type=Path)

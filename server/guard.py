@@ -2,9 +2,9 @@
 
 Every caption the server writes is ``observe``d by its checkpoint's ``Guard``. The guard keeps the captions
 of the last ``window`` *distinct* videos, and once it holds ``min_captions`` of them it says ``ok`` or
-``collapsed`` by the rules of DESIGN.md (``models.diversity.tripped_rules``): exact unique ratio, near-duplicate
+``collapsed`` by the rules of DESIGN.md (``capguard.models.diversity.tripped_rules``): exact unique ratio, near-duplicate
 unique ratio, top mode share, and grounding R@1 (caption -> own video among the window's videos, on the
-scorer's embeddings). All figures come from ``models.diversity``; nothing here re-implements a metric.
+scorer's embeddings). All figures come from ``capguard.models.diversity``; nothing here re-implements a metric.
 
 Policies (each one a decision; the tests pin them):
 - Distinct videos: the window is keyed by ``video_sha256``, least recently seen first. A video already in the
@@ -70,7 +70,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from models.diversity import (
+from capguard.models.diversity import (
     RULES,
     DiversityReport,
     GuardThresholds,
@@ -205,7 +205,7 @@ class _Row:
     """One video's latest caption in the window."""
 
     caption: str
-    key: str                       # models.diversity.caption_key(caption): the identity exact counts use
+    key: str                       # capguard.models.diversity.caption_key(caption): the identity exact counts use
     text_emb: np.ndarray | None    # (E,) float32, set together with video_emb or not at all
     video_emb: np.ndarray | None   # (E,) float32
     siglip: float | None

@@ -62,7 +62,7 @@ class CaptionResponse(BaseModel):
     video_sha256: str
     frames: FramesInfo
     scores: Scores
-    guard: dict[str, Any]       # server.guard GuardState.to_dict(): status, window figures, tripped rules
+    guard: dict[str, Any]       # capguard.server.guard GuardState.to_dict(): status, window figures, tripped rules
     timings_ms: Timings
 
 

@@ -60,12 +60,12 @@ class Settings(BaseSettings):
     max_frames: int = Field(100_000, ge=1)             # frames declared or counted (a tiny file can claim millions)
     decode_workers: int = Field(2, ge=1)               # decoder processes; a crash kills one, never the server
     decode_timeout_s: float = Field(30.0, gt=0)        # a stuck decode answers 504 and its process is replaced
-    decoder: str = "models.video:sample_frames"        # "module:function" the workers call; tests swap in crashers
+    decoder: str = "capguard.models.video:sample_frames"        # "module:function" the workers call; tests swap in crashers
 
     # --- batching
     max_batch_size: int = Field(8, ge=1)     # videos per stack.caption call
     model_threads: int = Field(1, ge=1)      # batches run side by side (server/batcher.py); see bench/RESULTS.md
-    # torch.compile each checkpoint's LLM at load (models.stack.compile_llm): faster generate, 20-64 s more per
+    # torch.compile each checkpoint's LLM at load (capguard.models.stack.compile_llm): faster generate, 20-64 s more per
     # load on a 2-core CPU; with model_threads 1 (compiled code is warmed up on one thread)
     compile: bool = False
     # how long a batch waits for company after its first request (only while other requests are uploading or
@@ -98,7 +98,7 @@ class Settings(BaseSettings):
     evaluation_timeout_s: float = Field(6 * 3600, gt=0)   # a job running longer is killed and failed
     evaluation_keep: int = Field(200, ge=1)            # finished jobs kept (rows and report files); older ones go
 
-    # --- guard (passed to server.guard.GuardSettings; DESIGN.md defaults)
+    # --- guard (passed to capguard.server.guard.GuardSettings; DESIGN.md defaults)
     guard_window: int = Field(100, ge=1)               # captions of distinct videos in the rolling window
     guard_min_captions: int = Field(30, ge=1)          # no verdict before this many
     guard_min_unique_ratio: float = Field(0.5, ge=0, le=1)

@@ -14,7 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def checkpoints_root(tmp_path_factory) -> Path:
     """A checkpoints_root with two servable stacks: "demo" (mlp2x_gelu) and "runs/epoch-1" (linear)."""
-    from models.components import init_checkpoint
+    from capguard.models.components import init_checkpoint
 
     root = tmp_path_factory.mktemp("checkpoints")
     init_checkpoint(root / "demo", "mlp2x_gelu", seed=0)
@@ -35,7 +35,7 @@ def video_files(tmp_path_factory) -> list[Path]:
 def server_settings(tmp_path_factory, checkpoints_root):
     """make(**overrides) -> Settings for a test app: the tmp checkpoints, CPU, one decoder process and a
     fresh data dir per call (pass data_dir=... to reuse one, e.g. across a restart)."""
-    from server.settings import Settings
+    from capguard.server.settings import Settings
 
     def make(**overrides) -> Settings:
         values = {"checkpoints_root": checkpoints_root, "default_checkpoint": "demo",

@@ -9,7 +9,7 @@ import sys
 
 from videomaker import make_video
 
-CLI = [sys.executable, "-m", "server.cli"]
+CLI = [sys.executable, "-m", "capguard.server.cli"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 

@@ -1,4 +1,4 @@
-"""The opt-in compiled LLM (models.stack.compile_llm, CAPGUARD_COMPILE): the eager tokens, no compile after warm-up."""
+"""The opt-in compiled LLM (capguard.models.stack.compile_llm, CAPGUARD_COMPILE): the eager tokens, no compile after warm-up."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.stack import compile_llm, load_stack
-from models.video import sample_frames
+from capguard.models.stack import compile_llm, load_stack
+from capguard.models.video import sample_frames
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "checkpoints" / "demo"
@@ -47,7 +47,7 @@ def test_compiled_llm_gives_the_eager_tokens_for_any_batch_without_compiling_aga
 
 @pytest.mark.skipif(not (DEMO / "capguard.json").is_file(), reason="needs the shipped demo checkpoint")
 def test_a_failed_compile_leaves_the_llm_eager_and_serving(monkeypatch, caplog):
-    import models.stack
+    import capguard.models.stack
 
     stack = load_stack(DEMO, device="cpu")
     llm = stack.captioner.llm
@@ -55,7 +55,7 @@ def test_a_failed_compile_leaves_the_llm_eager_and_serving(monkeypatch, caplog):
     def no_compiler(stack):
         raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
 
-    monkeypatch.setattr(models.stack, "_warm_up", no_compiler)
+    monkeypatch.setattr(capguard.models.stack, "_warm_up", no_compiler)
     assert compile_llm(stack) == 0.0
     assert "forward" not in llm.__dict__ and not stack.captioner.static_cache   # the class's own forward again
     assert "compiling the LLM failed (RuntimeError: InvalidCxxCompiler" in caplog.text

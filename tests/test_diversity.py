@@ -1,4 +1,4 @@
-"""models.diversity: hand-computed values, the field report's cases, and parity with sacrebleu / brute force."""
+"""capguard.models.diversity: hand-computed values, the field report's cases, and parity with sacrebleu / brute force."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import pytest
 import sacrebleu
 from rapidfuzz.distance import Indel
 
-from models import diversity as div
-from models.diversity import (
+from capguard.models import diversity as div
+from capguard.models.diversity import (
     DiversityReport,
     GuardThresholds,
     Mode,
@@ -537,7 +537,7 @@ def test_guard_threshold_defaults_and_validation():
 
 
 def test_importing_diversity_loads_no_web_stack():
-    code = "import sys, models.diversity; print(sorted({'fastapi', 'prometheus_client', 'server'} & set(sys.modules)))"
+    code = "import sys, capguard.models.diversity; print(sorted({'fastapi', 'prometheus_client', 'capguard.server'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

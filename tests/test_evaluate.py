@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.evaluate import (
+from capguard.models.evaluate import (
     ROW_KEYS,
     build_report,
     caption_tokens,
@@ -31,7 +31,7 @@ from models.evaluate import (
     spearman,
     watch,
 )
-from models.report import render_html
+from capguard.models.report import render_html
 
 # ---------------------------------------------------------------------------------------------------
 # Fixtures: two tiny random-init stacks (one private, one sharing the first one's encoder and LLM) and a
@@ -40,9 +40,9 @@ from models.report import render_html
 
 @pytest.fixture(scope="module")
 def stacks(tmp_path_factory) -> dict[str, Path]:
-    from models.components import TinySizes, init_checkpoint, write_checkpoint
-    from models.config import ScorerConfig
-    from models.projector import build_projector
+    from capguard.models.components import TinySizes, init_checkpoint, write_checkpoint
+    from capguard.models.config import ScorerConfig
+    from capguard.models.projector import build_projector
 
     root = tmp_path_factory.mktemp("runs")
     first = init_checkpoint(root / "run" / "epoch-1", "mlp2x_gelu", seed=0)
@@ -61,7 +61,7 @@ def stacks(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory) -> Path:
-    from models.synth import make_dataset
+    from capguard.models.synth import make_dataset
 
     out = tmp_path_factory.mktemp("synth")
     paths = make_dataset(out, n_train=0, n_val=3, size=64, seconds=1, workers=1, progress=False)
@@ -169,7 +169,7 @@ def test_identical_captions_are_collapsed_and_distinct_grounded_ones_are_ok():
 
 
 def test_row_against_references_and_attributes():
-    from models import synth
+    from capguard.models import synth
 
     attrs = list(synth.all_attributes())[::700]                  # 7 combinations spread over the vocabularies
     truth = [synth.caption_ko(a) for a in attrs]
@@ -273,12 +273,12 @@ def test_load_dataset(manifest, tmp_path):
 
 
 def test_evaluate_writes_one_report(stacks, manifest, tmp_path, monkeypatch):
-    import models.stack
-    from models.evaluate import _sample
+    import capguard.models.stack
+    from capguard.models.evaluate import _sample
 
     llm_loads, decodes, progress = [], [], []
-    real_load_llm = models.stack.load_llm
-    monkeypatch.setattr(models.stack, "load_llm", lambda *a: llm_loads.append(a[0]) or real_load_llm(*a))
+    real_load_llm = capguard.models.stack.load_llm
+    monkeypatch.setattr(capguard.models.stack, "load_llm", lambda *a: llm_loads.append(a[0]) or real_load_llm(*a))
 
     def loader(path, num_frames, side):
         decodes.append(Path(path).name)
@@ -364,7 +364,7 @@ def test_find_checkpoints_in_natural_order(tmp_path):
         ["epoch-1", "run/epoch-2", "run/epoch-10"]
 
 
-CLI = [sys.executable, "-m", "server.cli"]
+CLI = [sys.executable, "-m", "capguard.server.cli"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 

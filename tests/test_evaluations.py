@@ -18,11 +18,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_server_hooks import HANG
 from test_ui import browser  # noqa: F401 - the headless Chromium fixture
 
-from server.app import create_app
-from server.errors import ApiError
-from server.evaluations import MAX_ATTEMPTS, JobSpec, JobStore, describe_exit, job_dir, valid_job_id
-from server.routes.evaluations import dataset_path
-from server.settings import REPO_ROOT
+from capguard.server.app import create_app
+from capguard.server.errors import ApiError
+from capguard.server.evaluations import MAX_ATTEMPTS, JobSpec, JobStore, describe_exit, job_dir, valid_job_id
+from capguard.server.routes.evaluations import dataset_path
+from capguard.server.settings import REPO_ROOT
 
 ADMIN = "admin-secret"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
@@ -285,7 +285,7 @@ def test_a_resumed_job_keeps_the_checkpoints_it_finished(checkpoints_root, datas
     run again with a second checkpoint, as after a restart, and keeps demo's row instead of redoing it."""
     import torch
 
-    from server.evaluations import run_job
+    from capguard.server.evaluations import run_job
 
     monkeypatch.chdir(datasets)   # the job process runs in datasets_root
     store = JobStore(tmp_path / "evaluations.db")
@@ -341,7 +341,7 @@ def test_shipped_checkpoints_end_to_end(shipped_job):
     report = job["report"]
     assert [row["name"] for row in report["checkpoints"]] == ["demo", "collapsed"]
     assert report["dataset"]["source"] == "val/val.jsonl" and report["dataset"]["n_videos"] == 6
-    # models.evaluate judges every row by the guard rules whatever n is (no warm-up offline). On 6 videos
+    # capguard.models.evaluate judges every row by the guard rules whatever n is (no warm-up offline). On 6 videos
     # the collapsed stack repeats one caption twice: unique 5/6 passes, but its top mode holds 2/6 = 0.33 of
     # the captions (> 0.2). The demo stack's 6 captions are all different.
     rows = {row["name"]: row for row in report["checkpoints"]}

@@ -8,9 +8,9 @@ import threading
 import numpy as np
 import pytest
 
-import server.guard as guard_module
-from models.diversity import GuardThresholds, diversity_report, tripped_rules
-from server.guard import Guard, GuardRegistry, GuardSettings, GuardState
+import capguard.server.guard as guard_module
+from capguard.models.diversity import GuardThresholds, diversity_report, tripped_rules
+from capguard.server.guard import Guard, GuardRegistry, GuardSettings, GuardState
 
 FIELD_REPORT_EPOCHS = [9, 6, 4, 1, 4, 6]  # unique captions out of 97 validation videos, epochs 1-6
 SUNNY = "맑고 화창한 낮의 풍경을 담은 영상"   # epoch 5-6 representative captions, one word apart

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from test_deploy import metric_names_in_deploy
 
-from server.app import create_app
+from capguard.server.app import create_app
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from fastapi.testclient import TestClient
 from test_stack import sensitize
 
-from models.components import init_checkpoint
-from models.encoder import FramePreprocessor
-from models.stack import load_stack
+from capguard.models.components import init_checkpoint
+from capguard.models.encoder import FramePreprocessor
+from capguard.models.stack import load_stack
 
 
 def reference_preprocess(pre: FramePreprocessor, frames: torch.Tensor) -> torch.Tensor:
@@ -102,7 +102,7 @@ def test_prompt_embeddings_are_cached_at_inference_only(stack_dirs):
 def test_the_server_batches_uploads_of_different_frame_sizes_together(server_settings, tmp_path):
     from videomaker import make_video
 
-    from server.app import create_app
+    from capguard.server.app import create_app
 
     paths = [make_video(tmp_path / f"v{i}.mp4", num_frames=12, size=size)
              for i, size in enumerate([(64, 48), (48, 64), (96, 54), (80, 80)])]   # four aspect ratios

@@ -12,10 +12,10 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from test_server_hooks import ABORT, HANG, OVERSIZE, SEGFAULT
 
-from models.video import sample_indices
-from server.app import create_app
-from server.deps import Checkpoints
-from server.errors import ApiError
+from capguard.models.video import sample_indices
+from capguard.server.app import create_app
+from capguard.server.deps import Checkpoints
+from capguard.server.errors import ApiError
 
 ADMIN, METRICS = "admin-secret", "metrics-secret"
 MAX_UPLOAD = 300_000     # bytes; the test clips are 5-15 kB

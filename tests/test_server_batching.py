@@ -13,10 +13,10 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from models.stack import load_stack
-from models.video import sample_frames, sample_indices
-from server.app import create_app
-from server.storage import CaptionLog
+from capguard.models.stack import load_stack
+from capguard.models.video import sample_frames, sample_indices
+from capguard.server.app import create_app
+from capguard.server.storage import CaptionLog
 
 ADMIN = "admin-secret"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.storage import CaptionLog
+from capguard.server.storage import CaptionLog
 
 
 def free_port() -> int:
@@ -24,7 +24,7 @@ def free_port() -> int:
 
 def capguard_command() -> list[str]:
     script = Path(sys.executable).with_name("capguard")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "server.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "capguard.server.cli"]
 
 
 def wait_ready(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 120.0) -> None:

@@ -3,7 +3,7 @@
 The server's ``decoder`` setting names it ("test_server_hooks:decoder"); the decode workers import
 it (pytest puts tests/ on sys.path, and spawned workers inherit sys.path). A file whose first bytes
 are one of the magic words below makes the worker really die or hang; anything else is decoded
-by models.video.sample_frames as usual.
+by capguard.models.video.sample_frames as usual.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from models.video import SampledFrames, sample_frames
+from capguard.models.video import SampledFrames, sample_frames
 
 SEGFAULT = b"CAPGUARD-TEST-SEGFAULT"   # the worker kills itself with SIGSEGV, as a crashing decoder would
 ABORT = b"CAPGUARD-TEST-ABORT"         # os.abort(): SIGABRT, like decord's failed assertions

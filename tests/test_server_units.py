@@ -9,9 +9,9 @@ import threading
 import numpy as np
 import pytest
 
-from server.batcher import Batcher, QueueFull
-from server.settings import Settings
-from server.storage import CaptionLog, CaptionRecord
+from capguard.server.batcher import Batcher, QueueFull
+from capguard.server.settings import Settings
+from capguard.server.storage import CaptionLog, CaptionRecord
 
 
 def run(coro):
@@ -150,13 +150,13 @@ def test_settings_read_the_environment(monkeypatch, tmp_path):
 
 
 def test_torch_threads_leave_the_decoders_their_cores(monkeypatch):
-    import server.settings
+    import capguard.server.settings
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(server.settings, "available_cpus", lambda: 8)
+    monkeypatch.setattr(capguard.server.settings, "available_cpus", lambda: 8)
     assert Settings(decode_workers=2).resolved_torch_threads() == 6
     assert Settings(decode_workers=3, torch_threads=4).resolved_torch_threads() == 4   # explicit wins
-    monkeypatch.setattr(server.settings, "available_cpus", lambda: 2)
+    monkeypatch.setattr(capguard.server.settings, "available_cpus", lambda: 2)
     assert Settings(decode_workers=2).resolved_torch_threads() == 1                    # never 0
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert Settings().resolved_torch_threads() is None                                 # the operator's choice
@@ -165,7 +165,7 @@ def test_torch_threads_leave_the_decoders_their_cores(monkeypatch):
 
 
 def test_available_cpus_honours_a_container_cpu_limit(monkeypatch, tmp_path):
-    from server.settings import available_cpus
+    from capguard.server.settings import available_cpus
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
     (tmp_path / "cpu.max").write_text("400000 100000\n")          # docker --cpus 4 / a k8s limit of 4
@@ -202,7 +202,7 @@ def test_a_batch_does_not_wait_for_jobs_nobody_is_preparing():
 def test_cors_is_off_unless_origins_are_listed(server_settings, origins):
     from fastapi.testclient import TestClient
 
-    from server.app import create_app
+    from capguard.server.app import create_app
 
     client = TestClient(create_app(server_settings(cors_origins=origins)))   # no lifespan: nothing loads
     r = client.get("/healthz", headers={"Origin": "https://dashboard.example"})
@@ -211,11 +211,11 @@ def test_cors_is_off_unless_origins_are_listed(server_settings, origins):
 
 
 def test_decode_workers_import_no_web_stack_or_torch():
-    """Every decode process imports server.decode: it must stay light (and so start fast)."""
+    """Every decode process imports capguard.server.decode: it must stay light (and so start fast)."""
     import subprocess
     import sys
 
-    code = ("import sys, server.decode, models.video; "
+    code = ("import sys, capguard.server.decode, capguard.models.video; "
             "print(sorted(m for m in ('torch', 'fastapi', 'starlette', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"

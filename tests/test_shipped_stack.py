@@ -17,10 +17,10 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from models import synth
-from models.stack import load_stack
-from models.video import sample_frames
-from server.guard import GuardRegistry, GuardSettings
+from capguard.models import synth
+from capguard.models.stack import load_stack
+from capguard.models.video import sample_frames
+from capguard.server.guard import GuardRegistry, GuardSettings
 
 REPO = Path(__file__).resolve().parent.parent
 CHECKPOINTS = REPO / "checkpoints"
@@ -66,7 +66,7 @@ def test_demo_describes_its_videos(demo_outputs):
 def test_demo_in_bfloat16_as_on_a_gpu_matches_float32(demo_outputs, val_frames, tmp_path):
     """On a GPU `dtype: auto` runs the stack in bf16: every cast on that path (frames, visual tokens, prompt
     embeddings, scorer) runs here on the CPU, and the captions must stay the fp32 ones almost everywhere."""
-    from models.components import copy_checkpoint
+    from capguard.models.components import copy_checkpoint
 
     copy = copy_checkpoint(CHECKPOINTS / "demo", tmp_path / "demo-bf16")
     config = json.loads((copy / "capguard.json").read_text())
@@ -132,7 +132,7 @@ def collapse_flag(metrics_text: str, checkpoint: str) -> float | None:
 def test_collapsed_checkpoint_is_flagged_before_50_videos(server_settings):
     from fastapi.testclient import TestClient
 
-    from server.app import create_app
+    from capguard.server.app import create_app
 
     settings = server_settings(checkpoints_root=CHECKPOINTS, default_checkpoint="collapsed", max_wait_ms=0.0)
     rows = val_rows()

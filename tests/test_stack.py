@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from models.captioner import IGNORE_INDEX
-from models.components import init_checkpoint
-from models.config import CheckpointConfig, CheckpointError
-from models.projector import build_projector
-from models.stack import ComponentCache, load_stack
-from models.weights import read_state_dict, save_state_dict
+from capguard.models.captioner import IGNORE_INDEX
+from capguard.models.components import init_checkpoint
+from capguard.models.config import CheckpointConfig, CheckpointError
+from capguard.models.projector import build_projector
+from capguard.models.stack import ComponentCache, load_stack
+from capguard.models.weights import read_state_dict, save_state_dict
 
 PROJECTORS = ["linear", "mlp2x_gelu", "c-abstractor"]
 
@@ -201,15 +201,15 @@ def test_scorer_prefers_the_caption_that_matches(stacks):
 
 
 def test_importing_models_loads_no_web_stack():
-    code = ("import sys, models.stack, models.captioner, models.components, models.encoder, models.scorer; "
-            "bad = [m for m in ('fastapi', 'prometheus_client', 'server', 'uvicorn') if m in sys.modules]; "
+    code = ("import sys, capguard.models.stack, capguard.models.captioner, capguard.models.components, capguard.models.encoder, capguard.models.scorer; "
+            "bad = [m for m in ('fastapi', 'prometheus_client', 'capguard.server', 'uvicorn') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_copy_checkpoint_keeps_shared_components_reachable(stacks, tmp_path):
-    from models.components import copy_checkpoint
+    from capguard.models.components import copy_checkpoint
 
     shared = stacks["linear"]
     epoch = tmp_path / "runs" / "linear" / "epoch-1"

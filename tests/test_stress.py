@@ -28,9 +28,9 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-import server.deps
-import server.routes.upload as upload
-from server.app import STALE_UPLOAD_S, _remove_stale_uploads, create_app
+import capguard.server.deps
+import capguard.server.routes.upload as upload
+from capguard.server.app import STALE_UPLOAD_S, _remove_stale_uploads, create_app
 
 REPO = Path(__file__).resolve().parent.parent
 ADMIN, METRICS = "stress-test-admin", "stress-test-metrics"
@@ -203,15 +203,15 @@ def test_admin_token_is_compared_in_constant_time(secured, monkeypatch):
     reads = [secret_uses(ast.parse(path.read_text())) for path in (REPO / "server").rglob("*.py")]
     total, guarded = map(sum, zip(*reads, strict=True))
     assert total >= 1 and guarded == total
-    assert "hmac.compare_digest(" in inspect.getsource(server.deps._bearer_matches)
+    assert "hmac.compare_digest(" in inspect.getsource(capguard.server.deps._bearer_matches)
     calls = []
-    real = server.deps.hmac.compare_digest
+    real = capguard.server.deps.hmac.compare_digest
 
     def spy(a, b):
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(server.deps.hmac, "compare_digest", spy)
+    monkeypatch.setattr(capguard.server.deps.hmac, "compare_digest", spy)
     _, _, client = secured
     r = client.post("/checkpoints/demo/activate", headers={"Authorization": "Bearer not-the-token"})
     assert error_code(r, 401) == "unauthorized"
@@ -333,7 +333,7 @@ def test_videos_of_different_frame_sizes_in_one_batch_window_are_both_served(ope
     assert batches() - before in (1, 2)   # usually 1: they share a batch
     # and the model call itself, deterministically: one batch of two frame sizes (on a worker thread,
     # like the server's model thread)
-    from models.video import sample_frames
+    from capguard.models.video import sample_frames
 
     stack = app.state.capguard.checkpoints.loaded("demo")
     paths = [tmp_path / "a.mp4", tmp_path / "b.mp4"]
@@ -350,7 +350,7 @@ def test_a_stream_that_changes_resolution_midway_is_sampled(tmp_path):
     did the same; now every frame is converted to the header's size."""
     from videomaker import make_video, read_index
 
-    from models.video import sample_frames
+    from capguard.models.video import sample_frames
 
     segments = [Path(make_video(tmp_path / f"{i}.ts", num_frames=12, size=size)).read_bytes()
                 for i, size in enumerate([(64, 48), (96, 64)])]

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models import synth
-from models.synth import (
+from capguard.models import synth
+from capguard.models.synth import (
     ATTRIBUTE_NAMES,
     BuildingAttrs,
     all_attributes,

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from models.components import TinySizes
-from models.stack import load_stack
-from models.synth import make_dataset
-from models.train import TrainConfig, run
+from capguard.models.components import TinySizes
+from capguard.models.stack import load_stack
+from capguard.models.synth import make_dataset
+from capguard.models.train import TrainConfig, run
 
 
 @pytest.fixture(scope="module")

@@ -22,10 +22,10 @@ import pytest
 from fastapi.testclient import TestClient
 from test_server_cli import start_serve, wait_ready
 
-from server.app import create_app
-from server.errors import ApiError
-from server.routes.ui import STATIC_DIR, static_file
-from server.storage import CaptionLog
+from capguard.server.app import create_app
+from capguard.server.errors import ApiError
+from capguard.server.routes.ui import STATIC_DIR, static_file
+from capguard.server.storage import CaptionLog
 
 STATUSES = {"warming_up", "ok", "collapsed"}
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -21,8 +21,8 @@ import pytest
 from PIL import Image
 from videomaker import av1_encoder, draw_index, make_video, read_index
 
-from models import video
-from models.video import (
+from capguard.models import video
+from capguard.models.video import (
     CorruptVideo,
     DurationTooLong,
     NotAVideo,
@@ -186,7 +186,7 @@ def test_pyav_seeks_exactly_in_a_long_video(tmp_path, caplog, container):
     """300 frames, a keyframe every 30 and B-frames: 16 samples land in most GOPs, no fallback."""
     path = make_video(tmp_path / f"long.{container}", num_frames=300, fps=30, gop_size=30,
                       options={"preset": "medium"})
-    with caplog.at_level(logging.WARNING, logger="models.video"):
+    with caplog.at_level(logging.WARNING, logger="capguard.models.video"):
         sample = sample_frames(path, num_frames=16, backend="pyav")
     _check_exact(sample, 16, total=300, fps=30)
     assert not caplog.records, "seeking fell back to decoding in order"

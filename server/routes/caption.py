@@ -15,14 +15,14 @@ import time
 import numpy as np
 from fastapi import APIRouter, Request
 
-from models.stack import CaptionOutput, CaptionStack
-from server.batcher import QueueFull
-from server.decode import DecodeFailed
-from server.deps import AppState, State
-from server.errors import ApiError, unavailable, video_error
-from server.guard import GuardState
-from server.routes.upload import FILE_FIELD, receive_upload
-from server.schemas import (
+from capguard.models.stack import CaptionOutput, CaptionStack
+from capguard.server.batcher import QueueFull
+from capguard.server.decode import DecodeFailed
+from capguard.server.deps import AppState, State
+from capguard.server.errors import ApiError, unavailable, video_error
+from capguard.server.guard import GuardState
+from capguard.server.routes.upload import FILE_FIELD, receive_upload
+from capguard.server.schemas import (
     MAX_NEW_TOKENS,
     MAX_NUM_FRAMES,
     CaptionOptions,
@@ -32,7 +32,7 @@ from server.schemas import (
     Timings,
     error_responses,
 )
-from server.storage import CaptionRecord
+from capguard.server.storage import CaptionRecord
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["caption"])

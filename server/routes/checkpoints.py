@@ -6,10 +6,10 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from models.config import CheckpointConfig, CheckpointError
-from server.deps import Admin, AppState, State
-from server.errors import ApiError
-from server.schemas import CheckpointInfo, CheckpointList, error_responses
+from capguard.models.config import CheckpointConfig, CheckpointError
+from capguard.server.deps import Admin, AppState, State
+from capguard.server.errors import ApiError
+from capguard.server.schemas import CheckpointInfo, CheckpointList, error_responses
 
 router = APIRouter(tags=["checkpoints"])
 

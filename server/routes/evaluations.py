@@ -4,7 +4,7 @@ The work itself is server/evaluations.py (a process per job, one at a time). Her
 request names before anything is queued. Checkpoints go through the same check as /caption's
 (``Checkpoints.path``: 404 unknown_checkpoint); the data set is a path relative to ``datasets_root`` that
 must stay inside it, symlinks followed (``dataset_path``), and so must every video its manifest lists.
-Ids are checked against server.evaluations.JOB_ID before they are used anywhere.
+Ids are checked against capguard.server.evaluations.JOB_ID before they are used anywhere.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import FileResponse
 
-from models.evaluate import load_dataset
-from models.report import CSP as REPORT_CSP
-from server.deps import Admin, State
-from server.errors import ApiError, unavailable
-from server.evaluations import EvaluationManager, Job, JobSpec, valid_job_id
-from server.schemas import (
+from capguard.models.evaluate import load_dataset
+from capguard.models.report import CSP as REPORT_CSP
+from capguard.server.deps import Admin, State
+from capguard.server.errors import ApiError, unavailable
+from capguard.server.evaluations import EvaluationManager, Job, JobSpec, valid_job_id
+from capguard.server.schemas import (
     EvaluationJob,
     EvaluationLinks,
     EvaluationList,
@@ -151,7 +151,7 @@ def get_evaluation(job_id: str, manager: Manager) -> EvaluationJob:
 
 @router.get("/evaluations/{job_id}/report.html", response_class=FileResponse, responses=error_responses(404))
 def report_html(job_id: str, manager: Manager) -> FileResponse:
-    """The report page (models.report); written after each checkpoint, so it exists while a job runs."""
+    """The report page (capguard.models.report); written after each checkpoint, so it exists while a job runs."""
     job = _job(manager, job_id)
     path = manager.report_html(job.id)
     if path is None:

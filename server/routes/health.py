@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from server.deps import State
-from server.errors import unavailable
-from server.schemas import Health, Ready, error_responses
+from capguard.server.deps import State
+from capguard.server.errors import unavailable
+from capguard.server.schemas import Health, Ready, error_responses
 
 router = APIRouter(tags=["health"])
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from server.deps import MetricsAccess, State
-from server.schemas import error_responses
+from capguard.server.deps import MetricsAccess, State
+from capguard.server.schemas import error_responses
 
 router = APIRouter(tags=["metrics"])
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from server.errors import ApiError
+from capguard.server.errors import ApiError
 
 router = APIRouter(tags=["ui"], include_in_schema=False)
 

@@ -27,7 +27,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
-from server.errors import ApiError, unavailable
+from capguard.server.errors import ApiError, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ async def receive_upload(request: Request, tmp_dir: Path, max_bytes: int) -> Upl
 
     tmp_dir.mkdir(parents=True, exist_ok=True)
     try:
-        # the owner's pid in the name: a restarted server removes what a killed one left (server.app)
+        # the owner's pid in the name: a restarted server removes what a killed one left (capguard.server.app)
         fd, name = tempfile.mkstemp(prefix=f"upload-{os.getpid()}-", suffix=".video", dir=tmp_dir)
     except OSError as exc:
         if exc.errno in RESOURCE_ERRNOS:
