@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: serve test lint install clean-venv
+.PHONY: serve test lint install install-ray test-ray clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,6 +25,16 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check models server tests bench
+
+# Ray (issue 17) is an optional extra: without it nothing imports ray.
+install-ray: $(STAMP)
+	$(BIN)/pip install --quiet -e ".[ray]"
+
+# The Ray tests run inside a loopback-only network namespace (root needed): outside one, Ray advertises
+# the machine's address, listens on every interface and probes cloud metadata and a public DNS server.
+test-ray: install-ray
+	RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled OMP_NUM_THREADS=1 \
+	unshare -n sh -c 'ip link set lo up && exec $(BIN)/python -m pytest -q -m ray tests/'
 
 clean-venv:
 	rm -rf $(VENV)
