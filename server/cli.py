@@ -7,6 +7,7 @@ stack and ``capguard --help`` is instant.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -117,8 +118,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 2
     options = {"num_frames": args.num_frames, "batch_size": args.batch_size, "device": args.device,
                "max_new_tokens": args.max_new_tokens}
+    if args.ray and args.watch:
+        print("capguard evaluate: error: --ray sweeps --checkpoints; --watch runs on this machine", file=sys.stderr)
+        return 2
+    if args.actors < 1:
+        print(f"capguard evaluate: error: --actors must be at least 1, got {args.actors}", file=sys.stderr)
+        return 2
     try:
-        if args.watch:
+        if args.ray:
+            if importlib.util.find_spec("ray") is None:
+                print("capguard evaluate: error: --ray needs Ray: pip install 'capguard[ray]' (make install-ray)",
+                      file=sys.stderr)
+                return 2
+            from capguard.models.ray_sweep import sweep
+
+            report = sweep(args.checkpoints, dataset, args.out, address=args.ray, actors=args.actors, **options)
+        elif args.watch:
             report = watch(args.watch, dataset, args.out, interval=args.interval, once=args.once,
                            max_checkpoints=args.max_checkpoints, **options)
         else:
@@ -254,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=30.0, help="--watch: seconds between polls")
     p.add_argument("--max-checkpoints", type=int, help="--watch: stop after N new checkpoints")
     p.add_argument("--once", action="store_true", help="--watch: evaluate what is complete now (two polls), then stop")
+    p.add_argument("--ray", nargs="?", const="auto", metavar="auto|ADDRESS",
+                   help="spread the work over a Ray cluster's actor pool (auto: the running one, else a local one); "
+                        "a rerun resumes from out/sweep.jsonl")
+    p.add_argument("--actors", type=int, default=2, help="--ray: workers in the pool, each holding one loaded stack")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("train", help="train encoder/scorer, LM and a captioner on a make-videos data set")
