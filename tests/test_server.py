@@ -14,7 +14,7 @@ from test_server_hooks import ABORT, HANG, OVERSIZE, SEGFAULT
 
 from capguard.models.video import sample_indices
 from capguard.server.app import create_app
-from capguard.server.deps import Checkpoints
+from capguard.server.checkpoints import Checkpoints
 from capguard.server.errors import ApiError
 
 ADMIN, METRICS = "admin-secret", "metrics-secret"
