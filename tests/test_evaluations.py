@@ -19,8 +19,9 @@ from test_server_hooks import HANG
 from test_ui import browser  # noqa: F401 - the headless Chromium fixture
 
 from capguard.server.app import create_app
+from capguard.server.childproc import describe_exit
 from capguard.server.errors import ApiError
-from capguard.server.evaluations import MAX_ATTEMPTS, JobSpec, JobStore, describe_exit, job_dir, valid_job_id
+from capguard.server.evaluations import MAX_ATTEMPTS, JobSpec, JobStore, job_dir, valid_job_id
 from capguard.server.routes.evaluations import dataset_path
 from capguard.server.settings import REPO_ROOT
 
@@ -152,6 +153,33 @@ def test_store_lifecycle_recovery_and_pruning(tmp_path):
     assert store.get(third.id).done == 2 and store.latest_succeeded().id == third.id
     assert store.prune(keep=1) == [second.id, first.id] and [j.id for j in store.list()] == [third.id]
     assert store.get("../../etc/passwd") is None
+    store.close()
+
+
+class _FailAfterUpdate:
+    """A connection that runs every statement, then raises right after the claim's UPDATE: an error
+    (or a KeyboardInterrupt) that lands inside claim_next's transaction after it wrote."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def execute(self, sql, *args):
+        cursor = self.conn.execute(sql, *args)
+        if sql.startswith("UPDATE evaluation_jobs SET status = 'running'"):
+            raise KeyboardInterrupt
+        return cursor
+
+
+def test_a_failed_claim_is_rolled_back(tmp_path):
+    store = JobStore(tmp_path / "evaluations.db")
+    job = store.create(JobSpec(checkpoints=[["demo", "/x/demo"]], dataset="val", datasets_root="/x"), total=1)
+    conn, store._conn = store._conn, _FailAfterUpdate(store._conn)
+    with pytest.raises(KeyboardInterrupt):
+        store.claim_next()
+    store._conn = conn
+    assert not conn.in_transaction   # the write lock is released: the job process can still write
+    assert (store.get(job.id).status, store.get(job.id).attempts) == ("queued", 0)   # not half-claimed
+    assert store.claim_next().id == job.id
     store.close()
 
 
