@@ -91,7 +91,7 @@ class Settings(BaseSettings):
     metrics_token: SecretStr | None = None   # Bearer token for /metrics; None: open
     cors_origins: list[str] = []             # CORS is off unless origins are listed (JSON list in the env var)
 
-    # --- evaluation jobs (server/evaluations.py: one at a time, each in its own process)
+    # --- evaluation jobs (server/evaluations/: one at a time, each in its own process)
     datasets_root: Path = REPO_ROOT / "samples"        # POST /evaluations names data sets relative to this dir
     evaluation_max_checkpoints: int = Field(16, ge=1)  # checkpoints per job (each one is a full pass)
     evaluation_max_videos: int = Field(2000, ge=1)     # videos per job after `limit`

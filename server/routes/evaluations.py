@@ -1,6 +1,6 @@
 """Evaluation jobs over HTTP: POST /evaluations (admin, 202), GET /evaluations[/{id}[/report.html]], cancel.
 
-The work itself is server/evaluations.py (a process per job, one at a time). Here: validating what a
+The work itself is server/evaluations/ (a process per job, one at a time). Here: validating what a
 request names before anything is queued. Checkpoints go through the same check as /caption's
 (``Checkpoints.path``: 404 unknown_checkpoint); the data set is a path relative to ``datasets_root`` that
 must stay inside it, symlinks followed (``dataset_path``), and so must every video its manifest lists.
