@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -186,6 +188,13 @@ def test_a_failed_claim_is_rolled_back(tmp_path):
 def test_exit_codes_in_words():
     assert describe_exit(-9) == "killed by SIGKILL" and describe_exit(-11) == "killed by SIGSEGV"
     assert describe_exit(1) == "exited with status 1"
+
+
+def test_the_job_process_runs_as_a_module(tmp_path):
+    """``python -m capguard.server.evaluations run JOB_DIR``: a directory that holds no job is refused, by name."""
+    run = subprocess.run([sys.executable, "-m", "capguard.server.evaluations", "run", str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and "job.json" in run.stderr, run.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------------------- validation
