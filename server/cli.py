@@ -177,6 +177,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                 "DIR, or write one with `capguard init-checkpoint DIR` or `capguard train`")
     if args.host is not None:   # the bind decides whether admin routes may go without a token (server/deps.py)
         settings = settings.model_copy(update={"host": args.host})
+    if args.ray:
+        if importlib.util.find_spec("ray") is None:
+            print("capguard serve: error: --ray needs Ray: pip install 'capguard[ray]' (make install-ray)",
+                  file=sys.stderr)
+            return 2
+        if args.replicas < 1:
+            print(f"capguard serve: error: --replicas must be at least 1, got {args.replicas}", file=sys.stderr)
+            return 2
+        from capguard.server.ray_serve import serve_forever
+
+        return serve_forever(settings, args.ray, args.replicas, settings.host, args.port)
     threads = settings.resolved_torch_threads()
     if threads is not None:
         import torch
@@ -218,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--checkpoint", help="checkpoint name under checkpoints_root, or a checkpoint directory "
                                         "(default: CAPGUARD_DEFAULT_CHECKPOINT, else checkpoints/demo)")
+    p.add_argument("--ray", nargs="?", const="auto", metavar="auto|ADDRESS",
+                   help="serve on Ray Serve: model replicas, one guard per checkpoint for all of them "
+                        "(auto: the running cluster, else a local one)")
+    p.add_argument("--replicas", type=int, default=2, help="--ray: model replicas (one GPU each when there are GPUs)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("caption", help="caption videos; one JSON line per video")

@@ -44,3 +44,6 @@ def server_settings(tmp_path_factory, checkpoints_root):
         return Settings(**{**values, **overrides})
 
     return make
+
+
+from ray_fixtures import ray_cluster  # noqa: E402, F401 - one local Ray cluster per session for the tests marked ray

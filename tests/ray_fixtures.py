@@ -49,9 +49,9 @@ def ray_test(function):
     return function
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_cluster():
-    """A 2-CPU local cluster owned by this module (ray.init / ray.shutdown; never `ray stop`)."""
+    """A 2-CPU local cluster owned by this test session (ray.init / ray.shutdown; never `ray stop`)."""
     import ray
 
     assert loopback_only(), "refusing to start Ray outside a loopback-only network namespace"
