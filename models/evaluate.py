@@ -43,7 +43,9 @@ from sacrebleu.metrics import BLEU, CHRF
 from tqdm import tqdm
 
 from capguard.models.config import MANIFEST_NAME, CheckpointConfig
-from capguard.models.diversity import GuardThresholds, diversity_report, normalize_caption, tripped_rules
+from capguard.models.diversity import diversity_report, normalize_caption
+from capguard.models.jsonable import jsonable
+from capguard.models.rules import GuardThresholds, tripped_rules
 
 log = logging.getLogger(__name__)
 
@@ -391,24 +393,11 @@ def checkpoint_row(name: str, captions: Sequence[str], *, scores: Sequence[float
         if accuracy is not None:
             row["attribute_accuracy"] = accuracy["mean"]
             row["attribute_accuracy_by_name"] = accuracy["by_attribute"]
-    return _jsonable(row)
+    return jsonable(row)
 
 
 def _guess_lang(captions: Iterable[str]) -> str:
     return "ko" if any(_has_hangul(c) for c in captions) else "en"
-
-
-def _jsonable(value):
-    """nan/inf -> None, numpy scalars -> Python, recursively (JSON has no nan)."""
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def report_warnings(rows: Sequence[dict], correlation: float) -> list[dict]:
@@ -469,7 +458,7 @@ def build_report(rows: Sequence[dict], dataset: dict | None = None, run: dict | 
     rows = list(rows)
     rho = spearman([r["siglip_mean"] for r in rows], [r["diversity"] for r in rows])
     pairs = sum(_finite(r["siglip_mean"]) and _finite(r["diversity"]) for r in rows)
-    return _jsonable({
+    return jsonable({
         "version": REPORT_VERSION,
         "dataset": dict(dataset or {}),
         "run": dict(run or {}),

@@ -41,9 +41,10 @@ from capguard.models.components import (
     write_open_clip_dir,
 )
 from capguard.models.config import GenerationConfig, ScorerConfig, VisionConfig
-from capguard.models.diversity import GuardThresholds, diversity_report, tripped_rules
+from capguard.models.diversity import diversity_report
 from capguard.models.encoder import FramePreprocessor, VisionEncoder, load_open_clip
 from capguard.models.projector import build_projector
+from capguard.models.rules import GuardThresholds, tripped_rules
 from capguard.models.scorer import Scorer, load_tokenizer
 from capguard.models.video import sample_frames
 

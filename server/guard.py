@@ -71,13 +71,21 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from capguard.models.diversity import (
-    RULES,
     DiversityReport,
-    GuardThresholds,
     SimilarityCache,
     caption_key,
     diversity_report,
     grounding,
+)
+from capguard.models.jsonable import jsonable
+from capguard.models.rules import (
+    CLEAR_AFTER,
+    MIN_CAPTIONS,
+    RULES,
+    THRESHOLD_NAMES,
+    WINDOW,
+    GuardThresholds,
+    check_threshold_names,
     tripped_rules,
 )
 
@@ -105,18 +113,15 @@ def _one_blas_thread():
 
 @dataclass
 class GuardSettings:
-    """How a guard windows, judges and paces itself (DESIGN.md defaults)."""
+    """How a guard windows, judges and paces itself (defaults and their reasons: capguard.models.rules)."""
 
-    window: int = 100        # distinct videos judged together; the field report judged 97
-    min_captions: int = 30   # no verdict below this: 3 repeats among 10 captions is noise, not collapse
-    thresholds: GuardThresholds = field(default_factory=GuardThresholds)  # the rules, from models/diversity.py
+    window: int = WINDOW              # distinct videos judged together
+    min_captions: int = MIN_CAPTIONS  # no verdict below this many
+    thresholds: GuardThresholds = field(default_factory=GuardThresholds)  # the rules, from models/rules.py
     # Full metrics every k observations; None = auto, ceil((window / 100) ** 2): 1 at the default window
     # (~0.5 ms each), 100 at 1,000, 10,000 at 10,000. The exact-unique rule is live either way.
     recompute_every: int | None = None
-    # Hysteresis: a tripped rule clears after passing this many consecutive evaluations (observations after
-    # warm-up). 10 = a tenth of the default window: long enough that a ratio hovering on its line does not
-    # flap the status, short enough that a fixed checkpoint is cleared soon after its window turns healthy.
-    clear_after: int = 10
+    clear_after: int = CLEAR_AFTER    # hysteresis: consecutive passing evaluations before a tripped rule clears
     top_modes: int = 5       # modes (representative captions) kept in the state for the API and the logs
 
     def __post_init__(self) -> None:
@@ -146,7 +151,7 @@ class GuardSettings:
         thresholds=GuardThresholds(min_unique_ratio=0.4)). An unknown key raises, naming it.
         """
         own = {f.name for f in fields(cls)} - {"thresholds"}
-        rule_names = {f.name for f in fields(GuardThresholds)}
+        rule_names = set(THRESHOLD_NAMES)
         unknown = set(options) - own - rule_names
         if unknown:
             raise ValueError(f"unknown guard option(s) {sorted(unknown)}; known: {sorted(own | rule_names)}")
@@ -177,27 +182,7 @@ class GuardState:
 
     def to_dict(self) -> dict:
         """JSON-able dict: plain Python types, nan/inf as None (JSON has no nan)."""
-        return _jsonable(asdict(self))
-
-
-def _jsonable(value):
-    """Example: {"a": np.float32(0.5), "b": [float("nan")]} -> {"a": 0.5, "b": [None]}."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    return value
-
-
-def _ratio(value: float | None) -> float | None:
-    """A figure for GuardState: a Python float, or None when missing or nan."""
-    return None if value is None or not math.isfinite(value) else float(value)
+        return jsonable(asdict(self))
 
 
 @dataclass(slots=True)
@@ -445,12 +430,12 @@ class Guard:
             status=self._status(),
             window_captions=n,
             unique_ratio=len(self._key_counts) / n if n else None,
-            near_unique_ratio=_ratio(report.near_unique_ratio) if report else None,
-            top_mode_share=_ratio(report.top_mode_share) if report else None,
+            near_unique_ratio=jsonable(report.near_unique_ratio) if report else None,
+            top_mode_share=jsonable(report.top_mode_share) if report else None,
             repeat_probability=1.0 - self._singletons / n if n else None,
-            siglip_mean=_ratio(self._siglip_sum / self._siglip_rows) if self._siglip_rows else None,
-            grounding_r1=_ratio(report.grounding_r1) if report else None,
-            grounding_margin=_ratio(report.grounding_margin) if report else None,
+            siglip_mean=jsonable(self._siglip_sum / self._siglip_rows) if self._siglip_rows else None,
+            grounding_r1=jsonable(report.grounding_r1) if report else None,
+            grounding_margin=jsonable(report.grounding_margin) if report else None,
             tripped=[rule for rule in RULES if rule in self._tripped],
             newly_tripped=newly,
             modes=[{"representative": m.representative, "count": m.count, "share": float(m.share),
@@ -482,10 +467,7 @@ class GuardRegistry:
 
         Example: configure("demo", {"near_dup_threshold": 0.98}) -> Guard with thresholds.near_dup_threshold 0.98.
         """
-        known = {f.name for f in fields(GuardThresholds)}
-        unknown = set(thresholds) - known
-        if unknown:
-            raise ValueError(f"unknown guard threshold(s) {sorted(unknown)}; known: {sorted(known)}")
+        check_threshold_names(thresholds)
         settings = replace(self.settings, thresholds=replace(self.settings.thresholds, **thresholds))
         with self._lock:
             guard = self._guards[checkpoint] = Guard(checkpoint, settings)

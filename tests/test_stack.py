@@ -113,7 +113,7 @@ def test_strict_loading_names_the_problem(stacks, tmp_path):
     (lambda c: c.update(prompt="no placeholder"), "<video>"),
     (lambda c: c["llm"].update(path="../nowhere"), "does not exist"),
     (lambda c: c.pop("vision"), "missing required section 'vision'"),
-    (lambda c: c.update(guard={"near_dup": 0.9}), "unknown guard thresholds"),
+    (lambda c: c.update(guard={"near_dup": 0.9}), "unknown guard threshold"),
 ])
 def test_bad_manifests_fail_clearly(stacks, tmp_path, edit, needle):
     bad = tmp_path / "bad"
@@ -205,6 +205,18 @@ def test_importing_models_loads_no_web_stack():
             "bad = [m for m in ('fastapi', 'prometheus_client', 'capguard.server', 'uvicorn') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_validating_a_manifest_loads_no_metric_libraries():
+    """capguard.json's guard section is checked against models/rules.py, not diversity.py: a training
+    script or the CLI that only reads a manifest does not pay for rapidfuzz and sacrebleu."""
+    code = ("import sys, capguard.models.config as c; "
+            "cfg = c.CheckpointConfig.load('checkpoints/collapsed'); assert cfg.guard, cfg; "
+            "bad = [m for m in ('rapidfuzz', 'sacrebleu', 'capguard.models.diversity') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
