@@ -52,10 +52,6 @@ class GenerationConfig:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
 
-    def merged(self, **overrides: Any) -> GenerationConfig:
-        """A copy with the non-None overrides applied (per-request options)."""
-        return GenerationConfig(**{**asdict(self), **{k: v for k, v in overrides.items() if v is not None}})
-
 
 @dataclass
 class ScorerConfig:

@@ -72,11 +72,3 @@ class Scorer(nn.Module):
         if self.kind == "siglip":
             return torch.sigmoid(self.model.logit_scale.exp() * cos + self.model.logit_bias).float()
         return 2.5 * cos.clamp(min=0)
-
-    @torch.inference_mode()
-    def logits(self, text_emb: torch.Tensor, video_emb: torch.Tensor) -> torch.Tensor:
-        """All pairs: (n_text, n_video) similarity logits (for retrieval checks)."""
-        out = self.model.logit_scale.exp() * text_emb @ video_emb.T
-        if self.kind == "siglip":
-            out = out + self.model.logit_bias
-        return out
