@@ -33,24 +33,15 @@ Policies (each one a decision; the tests pin them):
 - Restart: ``restore(rows)`` rebuilds the window and the verdict; it equals observing the rows on a fresh
   guard (tested), and costs at most a few full recomputes, however many rows come in (see ``restore``).
 
-Measured cost (``bench/bench_guard.py``, 2026-11-27; 2-core dev CPU, 64-dim embeddings, every caption distinct,
-which is the expensive case for clustering; a collapsed window is cheaper):
-
-    window   recompute_every   full recompute   observe mean   observe p50 / p99    restore(window rows)
-    100      1 (auto)          ~0.5 ms          ~0.47 ms       0.46 ms / 0.61 ms    ~10 ms
-    1,000    100 (auto)        ~20 ms           ~0.22 ms       18 us / 0.29 ms      ~0.12 s
-    10,000   10,000 (auto)     ~1.7 s           ~0.20 ms       21 us / 40 us        ~1.7 s
-
-Windows up to 2,048 keep a ``SimilarityCache`` (the caption pairs' similarities) between recomputes, so a
-recompute scores only the captions that entered since the last one; at window 100 that made the full
-recompute 6x cheaper (3.1 ms -> 0.5 ms: 1.1 % of a demo-stack request with the metric updates,
-bench/bench_metrics.py), which is what keeps a verdict on fresh figures affordable on every caption.
-Larger windows cluster afresh, quadratic in the number of distinct captions (seconds at 10,000), so the
-auto policy ``recompute_every = ceil((window / 100) ** 2)`` keeps the amortized cost at or below the
-window-100 figure at any size. The price at large windows is staleness of the near-duplicate and grounding
-figures (at 10,000 they refresh once per window turnover) and one model-thread stall of a second or two
-per recompute; exact collapse is still caught live. Pick a smaller ``recompute_every`` when fresher
-near-duplicate figures are worth more than that.
+Cost: windows up to 2,048 keep a ``SimilarityCache`` (the caption pairs' similarities) between recomputes,
+so a recompute scores only the captions that entered since the last one, which is what keeps a verdict on
+fresh figures affordable on every caption at the default window. Larger windows cluster afresh, quadratic
+in the number of distinct captions, so the auto policy ``recompute_every = ceil((window / 100) ** 2)``
+keeps the amortized cost at or below the window-100 figure at any size. The price at large windows is
+staleness of the near-duplicate and grounding figures (at 10,000 they refresh once per window turnover)
+and one model-thread stall per recompute; exact collapse is still caught live. Pick a smaller
+``recompute_every`` when fresher near-duplicate figures are worth more than that. Measured figures per
+window size: bench/RESULTS.md, "Guard and metrics overhead" (``bench/bench_guard.py``).
 
 Thread safety: ``observe``, ``restore`` and ``reset`` hold the guard's lock; ``state()`` reads the last
 published ``GuardState`` without it, so a /metrics scrape never waits on a recompute. A published state is
@@ -100,10 +91,10 @@ _blas: ThreadpoolController | None = None  # numpy's BLAS pools, found on first 
 def _one_blas_thread():
     """Context manager: numpy's BLAS on one thread while grounding runs.
 
-    The guard runs on the model thread, next to torch's pool and the decoder processes. On the busy 2-core
-    dev box, OpenBLAS's own 2 threads made grounding's (100, 64) x (64, 100) product take 16-30 ms instead
-    of 0.1 ms (threads spinning for a core), and one thread is faster even at a 10,000 window (0.33 s vs
-    0.55 s). threadpoolctl sets the pool size for the block and restores it after (~25 us).
+    The guard runs on the model thread, next to torch's pool and the decoder processes. On a busy 2-core
+    box, OpenBLAS's own 2 threads spin for a core and made grounding's (100, 64) x (64, 100) product over
+    100x slower; one thread is faster even at a 10,000 window (bench/RESULTS.md). threadpoolctl sets the
+    pool size for the block and restores it after.
     """
     global _blas
     if _blas is None:
