@@ -1,4 +1,4 @@
-"""Frame sampling (models/video.py) on real encoded videos whose frames carry their own index.
+"""Frame sampling (the models/video/ package) on real encoded videos whose frames carry their own index.
 
 Every video here is written by tests/videomaker.py, which draws each frame's number into it, so a
 test can check that the frame a backend returns is the frame it claims (read_index == index).
