@@ -13,12 +13,7 @@ import numpy as np
 
 from capguard.models.diversity import diversity_report
 from capguard.models.evaluate.dataset import has_hangul
-from capguard.models.evaluate.metrics import (
-    attribute_scores,
-    is_finite,
-    reference_metrics,
-    spearman,
-)
+from capguard.models.evaluate.metrics import attribute_scores, is_finite, reference_metrics, spearman
 from capguard.models.jsonable import jsonable
 from capguard.models.rules import GuardThresholds, tripped_rules
 

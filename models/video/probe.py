@@ -13,12 +13,7 @@ from typing import Any
 
 import av
 
-from capguard.models.video.errors import (
-    DurationTooLong,
-    NotAVideo,
-    ResolutionTooLarge,
-    VideoTooLarge,
-)
+from capguard.models.video.errors import DurationTooLong, NotAVideo, ResolutionTooLarge, VideoTooLarge
 from capguard.models.video.meta import VideoLimits, VideoMeta
 from capguard.models.video.rotation import ISO_CONTAINER, display_rotation
 

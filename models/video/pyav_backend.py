@@ -21,12 +21,7 @@ import av
 import numpy as np
 
 from capguard.models.video.errors import CorruptVideo, DurationTooLong
-from capguard.models.video.meta import (
-    SampledFrames,
-    VideoLimits,
-    VideoMeta,
-    sample_indices,
-)
+from capguard.models.video.meta import SampledFrames, VideoLimits, VideoMeta, sample_indices
 from capguard.models.video.probe import ffmpeg_reason, open_container, video_stream
 
 log = logging.getLogger(__name__)

@@ -10,18 +10,9 @@ from __future__ import annotations
 import logging
 import os
 
-from capguard.models.video.decord_backend import (
-    decord_reason,
-    decord_suits,
-    sample_decord,
-)
+from capguard.models.video.decord_backend import decord_reason, decord_suits, sample_decord
 from capguard.models.video.errors import CorruptVideo
-from capguard.models.video.meta import (
-    SampledFrames,
-    VideoLimits,
-    VideoMeta,
-    scaled_size,
-)
+from capguard.models.video.meta import SampledFrames, VideoLimits, VideoMeta, scaled_size
 from capguard.models.video.probe import probe
 from capguard.models.video.pyav_backend import read_packets, sample_pyav
 from capguard.models.video.rotation import upright
