@@ -178,6 +178,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not (checkpoint_dir / MANIFEST_NAME).is_file():
         raise FileNotFoundError(f"no checkpoint at {checkpoint_dir} ({MANIFEST_NAME} missing); pass --checkpoint "
                                 "DIR, or write one with `capguard init-checkpoint DIR` or `capguard train`")
+    if args.host is not None:   # the bind decides whether admin routes may go without a token (server/deps.py)
+        settings = settings.model_copy(update={"host": args.host})
     threads = settings.resolved_torch_threads()
     if threads is not None:
         import torch
@@ -188,7 +190,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from capguard.server.app import create_app
 
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, http=settings.http, loop=settings.loop,
+    uvicorn.run(create_app(settings), host=settings.host, port=args.port, http=settings.http, loop=settings.loop,
                 log_level="debug" if args.verbose else "info")
     return 0
 
@@ -215,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the HTTP API (settings: CAPGUARD_* environment variables)")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", help="address to bind (default: CAPGUARD_HOST, else 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--checkpoint", help="checkpoint name under checkpoints_root, or a checkpoint directory "
                                         "(default: CAPGUARD_DEFAULT_CHECKPOINT, else checkpoints/demo)")

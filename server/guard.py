@@ -254,11 +254,6 @@ class Guard:
                 self._state.status, self._state.tripped or "", len(self._rows))
             return self._state
 
-    def reset(self) -> None:
-        """Forget the window and the verdict (e.g. the checkpoint's weights were replaced)."""
-        with self._lock:
-            self._reset_locked()
-
     # ------------------------------------------------------------------ window bookkeeping (lock held)
 
     def _reset_locked(self) -> None:
@@ -463,11 +458,6 @@ class GuardRegistry:
         with self._lock:
             guard = self._guards[checkpoint] = Guard(checkpoint, settings)
             return guard
-
-    def all(self) -> dict[str, Guard]:
-        """A copy of checkpoint name -> Guard."""
-        with self._lock:
-            return dict(self._guards)
 
 
 __all__ = ["STATUSES", "Guard", "GuardRegistry", "GuardSettings", "GuardState"]

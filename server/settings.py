@@ -87,11 +87,14 @@ class Settings(BaseSettings):
     loop: Literal["auto", "asyncio", "uvloop"] = "auto"
 
     # --- access
-    admin_token: SecretStr | None = None     # Bearer token for admin routes; None leaves them open (bind locally!)
+    # the address `capguard serve` binds; on any but a loopback one (127.0.0.1, ::1, localhost) admin routes
+    # need admin_token: without one they answer 403 (server/deps.py), so a server on a network is never open
+    host: str = "127.0.0.1"
+    admin_token: SecretStr | None = None     # Bearer token for admin routes; None: open on a loopback host only
     metrics_token: SecretStr | None = None   # Bearer token for /metrics; None: open
     cors_origins: list[str] = []             # CORS is off unless origins are listed (JSON list in the env var)
 
-    # --- evaluation jobs (server/evaluations.py: one at a time, each in its own process)
+    # --- evaluation jobs (server/evaluations/: one at a time, each in its own process)
     datasets_root: Path = REPO_ROOT / "samples"        # POST /evaluations names data sets relative to this dir
     evaluation_max_checkpoints: int = Field(16, ge=1)  # checkpoints per job (each one is a full pass)
     evaluation_max_videos: int = Field(2000, ge=1)     # videos per job after `limit`
