@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import capguard.server.guard as guard_module
-from capguard.models.diversity import GuardThresholds, diversity_report, tripped_rules
+from capguard.models.diversity import diversity_report
+from capguard.models.rules import GuardThresholds, tripped_rules
 from capguard.server.guard import Guard, GuardRegistry, GuardSettings, GuardState
 
 FIELD_REPORT_EPOCHS = [9, 6, 4, 1, 4, 6]  # unique captions out of 97 validation videos, epochs 1-6
@@ -352,6 +353,13 @@ def test_settings_from_flat_options():
     assert s.thresholds == GuardThresholds(min_unique_ratio=0.4, near_dup_threshold=0.85)
     with pytest.raises(ValueError, match="windw"):
         GuardSettings.from_options({"windw": 5})
+
+
+def test_server_settings_default_to_the_guards_defaults():
+    """The defaults live once (models/rules.py): Settings' guard_* fields build exactly GuardSettings()."""
+    from capguard.server.settings import Settings
+
+    assert GuardSettings.from_options(Settings().guard_options()) == GuardSettings()
 
 
 def test_registry_and_concurrent_observers():
