@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from capguard.models.config import MANIFEST_NAME, CheckpointConfig
-from capguard.models.diversity import GuardThresholds
+from capguard.models.rules import GuardThresholds
 from capguard.models.evaluate import Dataset, Evaluator, checkpoint_row, component_paths, load_dataset
 
 log = logging.getLogger(__name__)
