@@ -118,3 +118,10 @@ def test_killing_a_replica_under_load_loses_no_acknowledged_caption(deployment):
     assert after.status_code == 200            # and the deployment keeps answering
     logged = ray.get(guard_actors()["collapsed"].logged.remote())
     assert logged >= logged_before + len(videos) + 1   # every acknowledged caption is in the log
+
+
+def test_cli_refuses_zero_replicas(capsys):
+    from capguard.server.cli import main
+
+    assert main(["serve", "--ray", "--replicas", "0", "--checkpoint", str(REPO / "checkpoints" / "demo")]) == 2
+    assert "--replicas must be at least 1" in capsys.readouterr().err
