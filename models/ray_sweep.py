@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from capguard.models.config import MANIFEST_NAME, CheckpointConfig
-from capguard.models.rules import GuardThresholds
 from capguard.models.evaluate import Dataset, Evaluator, checkpoint_row, component_paths, load_dataset
+from capguard.models.rules import GuardThresholds
 
 log = logging.getLogger(__name__)
 
