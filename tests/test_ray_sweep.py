@@ -101,3 +101,59 @@ def test_cli_refuses_what_a_sweep_cannot_do(extra, tmp_path, capsys):
 
     assert main(["evaluate", *extra, "--videos", str(VIDEOS), "--out", str(tmp_path)]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+CUT_SWEEP = r'''
+import os, sys, threading, time
+from pathlib import Path
+
+import ray
+from ray.cluster_utils import Cluster
+
+from capguard.models.ray_sweep import sweep
+
+out, checkpoints, videos = Path(sys.argv[1]), sys.argv[2:4], sys.argv[4]
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
+                                                        "object_store_memory": 128 * 2**20})
+worker = cluster.add_node(num_cpus=2, object_store_memory=128 * 2**20)   # the node that will be lost
+ray.init(address=cluster.address)
+
+
+def lose_the_worker():
+    partial = out / "sweep.jsonl"
+    while not partial.is_file() or partial.read_text().count("\n") < 4:   # header + 3 rows
+        time.sleep(0.1)
+    cluster.remove_node(worker)     # every actor of the pool was on it; the head has no CPU for new ones
+    time.sleep(5)
+    cluster.shutdown()              # the job gives up (what a driver cut off from its workers amounts to),
+    os._exit(3)                     # and leaves no process of this cluster behind
+
+
+threading.Thread(target=lose_the_worker, daemon=True).start()
+sweep(checkpoints, videos, out, limit=5, batch_size=2, actors=2, device="cpu")
+os._exit(0)
+'''
+
+
+@ray_test
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
+def test_sweep_cut_by_a_lost_node_resumes(local, tmp_path):
+    """A 2-node cluster (ray.cluster_utils) loses its worker node mid-sweep; the rerun captions the rest."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from capguard.models.ray_sweep import sweep
+
+    with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as short:   # unix socket paths: <= 107 bytes
+        cut = subprocess.run([sys.executable, "-c", CUT_SWEEP, str(tmp_path), *CHECKPOINTS, str(VIDEOS)],
+                             env={**os.environ, "RAY_TMPDIR": short}, timeout=600, capture_output=True, text=True)
+    assert cut.returncode in (1, 3), cut.stderr[-2000:]   # given up (3), or the sweep failed first (1)
+    written = (tmp_path / PARTIAL_NAME).read_text(encoding="utf-8").splitlines()
+    assert 4 <= len(written) < 11                      # cut: some rows, not all ten
+    report = sweep(CHECKPOINTS, VIDEOS, tmp_path, limit=5, batch_size=2, actors=2, device="cpu")
+    resumed = (tmp_path / PARTIAL_NAME).read_text(encoding="utf-8").splitlines()
+    assert resumed[:len(written)] == written           # what the lost run finished is kept, not redone
+    assert comparable(report) == comparable(local[0])
