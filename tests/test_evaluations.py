@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import error_of
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from test_server_hooks import HANG
@@ -58,21 +59,9 @@ def datasets(tmp_path_factory, video_files) -> Path:
 
 
 @pytest.fixture(scope="module")
-def app(server_settings, datasets):
-    return create_app(server_settings(decoder="test_server_hooks:decoder", admin_token=ADMIN,
-                                      datasets_root=datasets, evaluation_max_checkpoints=2,
-                                      evaluation_max_videos=3))
-
-
-@pytest.fixture(scope="module")
-def client(app):
-    with TestClient(app) as c:
-        yield c
-
-
-def error_of(response, status: int) -> dict:
-    assert response.status_code == status, response.text
-    return response.json()["error"]
+def app_overrides(datasets):
+    return {"decoder": "test_server_hooks:decoder", "admin_token": ADMIN, "datasets_root": datasets,
+            "evaluation_max_checkpoints": 2, "evaluation_max_videos": 3}
 
 
 def metric_samples(client) -> dict[tuple, float]:
