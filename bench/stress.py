@@ -69,7 +69,7 @@ DECODE_WORKERS = 2                   # decoder processes the server is configure
 SERVER_NOFILE = 1024                 # the server's open-file limit: the common default soft limit
 MAX_UPLOAD = 8 * 2**20               # the server's max_upload_bytes in this run
 GUARD_WINDOW, GUARD_MIN = 100, 30    # the server's default guard window and warm-up
-CAPTION_STATUSES = {200, 400, 404, 413, 415, 422, 503, 504}   # what POST /caption may answer (DESIGN.md)
+CAPTION_STATUSES = {200, 400, 404, 413, 415, 422, 503, 504}   # what POST /caption may answer (docs/api.md)
 BOUNDARY = "capguardstressboundary"
 
 
