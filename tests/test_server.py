@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from conftest import error_of
 from fastapi.testclient import TestClient
+from fault_decoder import ABORT, HANG, OVERSIZE, SEGFAULT
 from prometheus_client.parser import text_string_to_metric_families
-from test_server_hooks import ABORT, HANG, OVERSIZE, SEGFAULT
 
 from capguard.models.video import sample_indices
 from capguard.server.deps import Checkpoints
@@ -24,7 +24,7 @@ DECODE_TIMEOUT_S = 3.0   # the hang test waits this long
 
 @pytest.fixture(scope="module")
 def app_overrides():
-    return {"decoder": "test_server_hooks:decoder", "decode_workers": 2, "decode_timeout_s": DECODE_TIMEOUT_S,
+    return {"decoder": "fault_decoder:decoder", "decode_workers": 2, "decode_timeout_s": DECODE_TIMEOUT_S,
             "admin_token": ADMIN, "metrics_token": METRICS, "max_upload_bytes": MAX_UPLOAD}
 
 

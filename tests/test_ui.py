@@ -3,7 +3,7 @@
 The browser test drives a real `capguard serve` with Debian's chromium + chromium-driver through selenium
 (no driver download); it is skipped only when chromium is not installed (.ci/run installs it). Knobs for
 running it by hand against other stacks: CAPGUARD_UI_CHECKPOINT (a checkpoint directory; default: the
-tiny init_checkpoint "demo"), CAPGUARD_UI_VIDEO (a video file; default: a tests/videomaker clip) and
+tiny init_checkpoint "demo"), CAPGUARD_UI_VIDEO (a video file; default: a bench/videomaker clip) and
 CAPGUARD_UI_SCREENSHOT (where the screenshot goes; default: the test's tmp dir).
 """
 
