@@ -231,7 +231,7 @@ class Server:
                     "CAPGUARD_CHECKPOINTS_ROOT": str(root), "CAPGUARD_DATA_DIR": str(data_dir),
                     "CAPGUARD_DEVICE": device, "CAPGUARD_DECODE_WORKERS": str(DECODE_WORKERS),
                     "CAPGUARD_DECODE_TIMEOUT_S": str(plan.decode_timeout_s),
-                    "CAPGUARD_DECODER": "test_server_hooks:decoder",
+                    "CAPGUARD_DECODER": "fault_decoder:decoder",
                     "CAPGUARD_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
                     "CAPGUARD_ADMIN_TOKEN": ADMIN_TOKEN, "CAPGUARD_METRICS_TOKEN": METRICS_TOKEN}
         script = Path(sys.executable).with_name("capguard")

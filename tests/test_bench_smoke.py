@@ -71,11 +71,8 @@ def test_bench_decode_quick_checks_every_backend(tmp_path):
 
 
 def test_bench_server_helpers():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench_server
-    finally:
-        sys.path.remove(str(BENCH))
+    import bench_server  # bench/ is on pytest's pythonpath (pyproject.toml)
+
     assert bench_server.differing({"a": "x", "b": "y"}, {"a": "x", "b": "z"}) == ["b"]
     assert bench_server.differing({"a": "x"}, {}) == ["a"]
     cpu = bench_server.process_cpu_s(os.getpid(), with_children=False)
