@@ -193,6 +193,7 @@ def test_scorer_prefers_the_caption_that_matches(projector_stacks):
     assert scorer.logits(texts, texts).argmax(1).tolist() == [0, 1]
 
 
+@pytest.mark.slow   # a fresh interpreter imports torch, transformers and open_clip: 30 s on 2 busy cores
 def test_importing_models_loads_no_web_stack():
     code = ("import sys, capguard.models.stack, capguard.models.captioner, capguard.models.components, capguard.models.encoder, capguard.models.scorer; "
             "bad = [m for m in ('fastapi', 'prometheus_client', 'capguard.server', 'uvicorn') if m in sys.modules]; "
