@@ -8,6 +8,7 @@ import selectors
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from stress_inputs import make_clips
 from stress_run import BOUNDARY, Answer, PhaseStats, Run, classify
@@ -195,6 +196,20 @@ def phase_slow(run: Run) -> None:
     run.settle(phase)
 
 
+def wait_until_taken_in(tmp_dir: Path, quiet_s: float = 2.0, limit_s: float = 60.0) -> None:
+    """Wait until the server has taken in what it will of a flood: its stored-upload count has not changed for
+    quiet_s (a fixed sleep was too short on a loaded machine: the flood then never reached the fd limit)."""
+    deadline = time.monotonic() + limit_s
+    last, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        count = sum(1 for _ in tmp_dir.iterdir())
+        if count != last:
+            last, since = count, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return
+        time.sleep(0.2)
+
+
 def flood(run: Run, phase: PhaseStats, body: bytes) -> None:
     """More stuck half-uploads than the server has file descriptors (each holds a socket and a temp file).
 
@@ -208,13 +223,13 @@ def flood(run: Run, phase: PhaseStats, body: bytes) -> None:
         sock.sendall(head)
         socks.append(sock)
     phase.tried += n
-    time.sleep(2.0)   # the server takes them in (accept pauses while it is out of descriptors)
+    wait_until_taken_in(run.tmp_dir)
     answered: list[tuple[int, dict[str, str], bytes]] = []
     pending = list(socks)
     while pending:
-        ready = readable(pending, 1.0)
+        ready = readable(pending, 3.0)
         if not ready:
-            break   # a quiet second: the rest are stored and waiting for their bodies
+            break   # quiet seconds: the rest are stored and waiting for their bodies
         for sock in ready:
             got = read_answer(sock, 5)
             pending.remove(sock)
