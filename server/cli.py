@@ -191,6 +191,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from capguard.models.importer import import_llava
+
+    path = import_llava(args.source, args.out, prompt=args.prompt, instruction=args.instruction,
+                        scorer=args.scorer, num_frames=args.num_frames, force=args.force)
+    print(json.dumps({"checkpoint": str(path)}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="capguard", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -227,6 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--relink", metavar="OLD=NEW", help="point components under OLD at the same files under NEW")
     p.add_argument("--guard", help='guard thresholds for this checkpoint as JSON, e.g. \'{"near_dup_threshold": 0.97}\'')
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="convert a LLaVA-style transformers checkpoint into a capguard checkpoint")
+    p.add_argument("source", help="LlavaForConditionalGeneration / LlavaOnevisionForConditionalGeneration dir")
+    p.add_argument("--out", required=True, help="the capguard checkpoint directory to write")
+    p.add_argument("--prompt", help="the whole prompt, with <image> or <video> where the frames go "
+                                    "(default: the chat template rendered for --instruction)")
+    p.add_argument("--instruction", help='the user turn for the chat template (default "Describe this video.")')
+    p.add_argument("--scorer", help="an open_clip SigLIP/CLIP dir to score captions with")
+    p.add_argument("--num-frames", type=int, default=8)
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("make-videos", help="render the synthetic building videos + JSONL manifests")
     p.add_argument("--out", required=True)
