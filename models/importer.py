@@ -160,9 +160,9 @@ def import_llava(src: str | Path, out: str | Path, prompt: str | None = None, in
 
     llm = build_on_meta(lambda: AutoModelForCausalLM.from_config(config.text_config), dtype)
     llm_state = parts["llm"]
-    if "lm_head.weight" in llm.state_dict() and "lm_head.weight" not in llm_state and getattr(
-            config.text_config, "tie_word_embeddings", False):
-        llm_state["lm_head.weight"] = llm_state.get("model.embed_tokens.weight")   # tied: one tensor on disk
+    tied = getattr(config.text_config, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False)
+    if tied and "lm_head.weight" not in llm_state and "model.embed_tokens.weight" in llm_state:
+        llm_state["lm_head.weight"] = llm_state["model.embed_tokens.weight"]   # tied: one tensor on disk
     load_strict(llm, llm_state, f"{src} (language_model)", assign=True)
 
     projector = build_projector("mlp2x_gelu", config.vision_config.hidden_size, config.text_config.hidden_size)

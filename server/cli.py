@@ -1,4 +1,4 @@
-"""The ``capguard`` command line: serve, caption, evaluate, train, make-videos, init-checkpoint.
+"""The ``capguard`` command line: serve, caption, evaluate, train, make-videos, init-checkpoint, import.
 
 Each subcommand imports what it needs when it runs, so ``capguard caption`` never loads the web
 stack and ``capguard --help`` is instant.

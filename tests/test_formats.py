@@ -41,11 +41,13 @@ def tokenizer():
 
 
 def text_config(kind: str, vocab: int):
+    """Llama with its own lm_head; Qwen2 with the head tied to the embeddings (one tensor on disk)."""
     from transformers import LlamaConfig, Qwen2Config
 
     cls = LlamaConfig if kind == "llama" else Qwen2Config
     return cls(hidden_size=TEXT_HIDDEN, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=512)
+               num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=512,
+               tie_word_embeddings=kind != "llama")
 
 
 def sensitize(model: torch.nn.Module, seed: int) -> None:
@@ -339,6 +341,31 @@ def test_honeybee_runs_per_frame():
     with pytest.raises(ValueError, match="square"):
         build_projector("honeybee-c-abstractor", 64, 32, 17)
     assert type(build_projector("resampler", 64, 32, num_queries=4, num_heads=4)).__name__ == "CAbstractor"
+
+
+def test_honeybee_matches_its_composition_written_out():
+    """One frame through the module = Honeybee's forward composed by hand from timm's RegStage: pos_emb added,
+    (N, D) laid out row-major on the g x g grid, stage, pool, stage, back to (Q, H), MLP readout."""
+    from functools import partial
+
+    from timm.layers import LayerNorm2d
+    from timm.models.regnet import RegStage
+
+    proj = build_projector("honeybee-c-abstractor", 64, 32, 16, **HONEYBEE_OPTIONS).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        proj.pos_emb.normal_()                                          # visible, unlike trunc_normal(0.02)
+    stage = partial(RegStage, stride=1, dilation=1, act_layer=torch.nn.SiLU, norm_layer=LayerNorm2d)
+    net = torch.nn.Sequential(stage(1, 64, 24), torch.nn.AdaptiveAvgPool2d((2, 2)), stage(1, 24, 24))
+    readout = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.SiLU(), torch.nn.Linear(32, 32))
+    state = proj.state_dict()
+    net.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("net.")})
+    readout.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("readout.")})
+    x = torch.randn(1, 16, 64)
+    with torch.no_grad():
+        grid = (x + state["pos_emb"]).reshape(1, 4, 4, 64).permute(0, 3, 1, 2)   # b (h w) d -> b d h w
+        want = readout(net.eval()(grid).permute(0, 2, 3, 1).reshape(1, 4, 24))     # b d h w -> b (h w) d
+        torch.testing.assert_close(proj(x), want)
 
 
 def test_honeybee_checkpoint_loads_strictly_and_captions(tmp_path):
