@@ -33,7 +33,7 @@ class VisionConfig:
 
 @dataclass
 class ProjectorConfig:
-    type: str                      # "linear" | "mlp2x_gelu" | "c-abstractor": rebuilds the module, no guessing
+    type: str                      # capguard.models.projector.PROJECTOR_TYPES: rebuilds the module, no guessing
     weights: str = "projector.safetensors"   # safetensors (or a LLaVA mm_projector.bin), relative path
     options: dict[str, Any] = field(default_factory=dict)  # c-abstractor: num_queries, num_heads, dropout
 

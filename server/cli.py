@@ -18,6 +18,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CHECKPOINT = REPO_ROOT / "checkpoints" / "demo"
+# capguard.models.projector's types and alias, spelled out so --help does not import torch
+PROJECTORS = ["linear", "mlp2x_gelu", "c-abstractor", "resampler", "honeybee-c-abstractor"]
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -224,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init-checkpoint", help="write a tiny random-init stack (tests, wiring your own parts)")
     p.add_argument("directory")
-    p.add_argument("--projector", default="mlp2x_gelu", choices=["linear", "mlp2x_gelu", "c-abstractor"])
+    p.add_argument("--projector", default="mlp2x_gelu", choices=PROJECTORS)
     p.add_argument("--options", help='projector options as JSON, e.g. \'{"num_queries": 16}\'')
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_init_checkpoint)
@@ -280,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dir with train.jsonl and val.jsonl")
     p.add_argument("--out", required=True, help="output root: shared/ components and <run>/epoch-N checkpoints")
     p.add_argument("--run", help="run name (default: the projector type)")
-    p.add_argument("--projector", default="mlp2x_gelu", choices=["linear", "mlp2x_gelu", "c-abstractor"])
+    p.add_argument("--projector", default="mlp2x_gelu", choices=PROJECTORS)
     p.add_argument("--options", help="projector options as JSON")
     p.add_argument("--lang", default="ko", choices=["ko", "en"])
     p.add_argument("--seed", type=int, default=0)

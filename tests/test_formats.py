@@ -389,3 +389,24 @@ def test_honeybee_checkpoint_loads_strictly_and_captions(tmp_path):
     save_state_dict({k: v for k, v in state.items() if "readout.2" not in k}, ckpt / "honeybee.safetensors")
     with pytest.raises(CheckpointError, match=r"missing keys readout.2.bias, readout.2.weight"):
         load_stack(ckpt, device="cpu")
+
+
+def test_cli_names_match_the_builder():
+    from capguard.models.projector import ALIASES, PROJECTOR_TYPES
+    from capguard.server.cli import PROJECTORS
+
+    assert set(PROJECTORS) == {*PROJECTOR_TYPES, *ALIASES}
+
+
+def test_init_checkpoint_with_honeybee_captions(tmp_path, capsys):
+    from capguard.server.cli import main
+
+    options = json.dumps({"num_queries": 4, "hidden_dim": 16, "depth": 1})
+    assert main(["init-checkpoint", str(tmp_path / "hb"), "--projector", "honeybee-c-abstractor",
+                 "--options", options]) == 0
+    stack = load_stack(tmp_path / "hb", device="cpu")
+    visual = stack.captioner.project(stack.captioner.visual_tokens(
+        stack.pixels([frames(0, count=3)], stack.captioner.encoder.preprocess), [3]))
+    assert visual[0].shape == (3 * 4, 64)                                # T * num_queries tokens
+    outputs, _ = stack.caption([frames(0, count=3)], max_new_tokens=[3])
+    assert isinstance(outputs[0].caption, str)
