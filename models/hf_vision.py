@@ -47,8 +47,8 @@ def preprocess_config(processor: dict, where: str) -> dict:
     """An image processor's saved settings -> FramePreprocessor's config.
 
     Example: CLIP's {"size": {"shortest_edge": 336}, "crop_size": {"height": 336, "width": 336},
-    "do_center_crop": true, "resample": 3, "image_mean": m, "image_std": s} -> {"size": 336,
-    "resize_mode": "shortest", "interpolation": "bicubic", "mean": m, "std": s}; SigLIP's
+    "do_center_crop": true, "resample": 3, "image_mean": m, "image_std": s} -> {"size": (336, 336),
+    "resize_mode": "shortest", "resize_rounding": "floor", "interpolation": "bicubic", "mean": m, "std": s}; SigLIP's
     {"size": {"height": 384, "width": 384}} (no crop) -> {"size": (384, 384), "resize_mode": "squash"}.
     """
     if processor.get("do_rescale", True) and abs(processor.get("rescale_factor", 1 / 255) - 1 / 255) > 1e-9:
@@ -65,11 +65,11 @@ def preprocess_config(processor: dict, where: str) -> dict:
             # frame, where our resize covers the crop exactly; warn instead of pretending to match
             log.warning("%s: shortest_edge %s with a %s crop is read as resize-to-crop (the frame's border "
                         "that the processor would crop away is kept)", where, edge, crop)
-        out = {"size": crop, "resize_mode": "shortest"}
+        out = {"size": crop, "resize_mode": "shortest", "resize_rounding": "floor"}
     elif "height" in size and "width" in size:
         out = {"size": (size["height"], size["width"]), "resize_mode": "squash"}
     elif "shortest_edge" in size:
-        out = {"size": size["shortest_edge"], "resize_mode": "shortest"}
+        out = {"size": size["shortest_edge"], "resize_mode": "shortest", "resize_rounding": "floor"}
     else:
         raise CheckpointError(f"{where}: cannot read the input size from {size!r}")
     resample = processor.get("resample", 3)

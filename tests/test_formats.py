@@ -154,6 +154,26 @@ def test_clip_tower_gives_llava_features(tmp_path, select_feature, tokens):
     assert len(outputs) == 2 and all(isinstance(o.caption, str) for o in outputs)
 
 
+@pytest.mark.parametrize("kind, shape", [("clip", (90, 160)), ("clip", (112, 150)), ("siglip", (90, 160))])
+def test_preprocessing_matches_the_image_processor(kind, shape):
+    """Frames preprocessed from preprocessor_config.json = what the transformers image processor gives (PIL
+    resize vs antialiased torch resize: a few thousandths apart on a smooth frame)."""
+    from transformers import CLIPImageProcessor, SiglipImageProcessor
+
+    from capguard.models.encoder import FramePreprocessor
+    from capguard.models.hf_vision import preprocess_config
+
+    processor = (CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+                 if kind == "clip" else SiglipImageProcessor(size={"height": 48, "width": 48}))
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    frame = (120 + 100 * np.sin(xx / 9)[..., None] + 30 * np.cos(yy / 7)[..., None] * np.array([1, 0.5, -1]))
+    frame = frame.clip(0, 255).astype(np.uint8)                        # (H, W, 3), smooth
+    want = processor(images=frame, return_tensors="pt")["pixel_values"]
+    got = FramePreprocessor(preprocess_config(processor.to_dict(), kind))(torch.from_numpy(frame)[None])
+    assert got.shape == want.shape
+    assert (got - want).abs().mean() < 0.01 and (got - want).abs().max() < 0.05
+
+
 def test_tower_from_a_whole_siglip_model_dir(tmp_path):
     """The directory of a whole SiglipModel works: only the text half's keys go unused."""
     from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
