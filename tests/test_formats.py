@@ -257,6 +257,29 @@ def test_import_llava_round_trips_and_matches_transformers(tmp_path, tokenizer, 
     assert all(o.caption and o.num_tokens > 0 for o in outputs)
 
 
+def test_imported_captions_are_transformers_llava_captions(tmp_path, llava, tokenizer):
+    """One frame: capguard's caption of the imported checkpoint = the greedy tokens of transformers' own
+    LlavaForConditionalGeneration on the same pixels and the same prompt (BOS, template, image tokens)."""
+    from capguard.models.importer import import_llava
+
+    src, model = llava
+    stack = load_stack(import_llava(src, tmp_path / "out"), device="cpu")
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    before, after = "USER: ", "\nDescribe this video. ASSISTANT:"
+    for seed in range(3):
+        frame = frames(seed, count=1)
+        pixels = stack.pixels([frame], stack.captioner.encoder.preprocess)      # (1, 3, 32, 32)
+        ids = (tokenizer(before)["input_ids"] + [image_id] * 16
+               + tokenizer(after, add_special_tokens=False)["input_ids"])
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.tensor([ids]), pixel_values=pixels, max_new_tokens=8,
+                                 do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
+        want = out[:out.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in out else out
+        got = stack.caption([frame], max_new_tokens=[8], score=False)[0][0]
+        assert got.token_ids == want and len(want) > 0
+
+
 def test_import_onevision_drops_image_newline_and_keeps_all_tokens(tmp_path, tokenizer, caplog):
     from capguard.models.importer import import_llava
 
