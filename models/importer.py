@@ -131,24 +131,15 @@ def import_llava(src: str | Path, out: str | Path, prompt: str | None = None, in
         raise CheckpointError(f"{src} is not a transformers model directory: config.json is missing")
     if out.exists() and any(out.iterdir()) and not force:
         raise CheckpointError(f"{out} exists and is not empty; pass --force to write into it")
-    config = AutoConfig.from_pretrained(str(src), local_files_only=True)
-    if config.model_type not in SUPPORTED:
-        raise CheckpointError(f"{src}: model_type {config.model_type!r} is not supported; "
-                              f"expected one of {', '.join(SUPPORTED)}")
-    layer = config.vision_feature_layer
-    if not isinstance(layer, int):
-        raise CheckpointError(f"{src}: vision_feature_layer {layer!r} (several layers concatenated) is not "
-                              "supported; capguard reads one layer")
-    strategy = config.vision_feature_select_strategy
-    if strategy not in SELECT_FEATURE:
-        raise CheckpointError(f"{src}: vision_feature_select_strategy {strategy!r} is not one of "
-                              f"{', '.join(SELECT_FEATURE)}")
-    if getattr(config, "projector_hidden_act", "gelu") != "gelu" or not getattr(config, "multimodal_projector_bias",
-                                                                                True):
-        raise CheckpointError(f"{src}: only LLaVA's Linear-GELU-Linear projector with biases maps onto mlp2x_gelu "
-                              f"(projector_hidden_act={config.projector_hidden_act!r})")
-
+    try:
+        config = AutoConfig.from_pretrained(str(src), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - an unknown model_type, a broken config.json, ...
+        raise CheckpointError(f"cannot read {src}/config.json: {exc}") from exc
+    layer, select_feature = feature_selection(config, src)
     parts = split_keys(read_weights(src), str(src))
+    if parts["dropped"] and config.model_type != "llava_onevision":
+        raise CheckpointError(f"{src}: {', '.join(parts['dropped'])} in a {config.model_type} checkpoint (only "
+                              "LLaVA-Onevision has an image_newline)")
     dtype = next((v.dtype for v in parts["llm"].values() if v.is_floating_point()), torch.float32)
 
     from capguard.models.hf_vision import PROCESSOR_CONFIG, preprocess_config, tower_class
@@ -180,7 +171,10 @@ def import_llava(src: str | Path, out: str | Path, prompt: str | None = None, in
     processor = {k: v for k, v in json.loads(processor_path.read_text()).items() if k in PROCESSOR_KEYS}
     preprocess_config(processor, str(processor_path))   # fail now, not at load time
 
-    tokenizer = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - missing or unreadable tokenizer files
+        raise CheckpointError(f"cannot load the tokenizer from {src}: {exc}") from exc
     text = import_prompt(tokenizer, src, config, prompt, instruction)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -197,14 +191,35 @@ def import_llava(src: str | Path, out: str | Path, prompt: str | None = None, in
         scorer_cfg = ScorerConfig(path=os.path.relpath(scorer, out),
                                   tokenizer=os.path.relpath(scorer, out) if (scorer / "tokenizer.json").is_file()
                                   else None)
-    vision_cfg = VisionConfig(path="vision", select_layer=layer, select_feature=SELECT_FEATURE[strategy],
-                              type="transformers")
+    vision_cfg = VisionConfig(path="vision", select_layer=layer, select_feature=select_feature, type="transformers")
     info = {"imported_from": str(src), "architecture": (config.architectures or [config.model_type])[0],
             "dropped": sorted(parts["dropped"])}
     write_checkpoint(out, projector, "mlp2x_gelu", vision_cfg, "llm", scorer=scorer_cfg, prompt=text,
                      num_frames=num_frames, info=info, dtype=dtype)
     log.info("imported %s -> %s (prompt %r)", src, out, text)
     return out
+
+
+def feature_selection(config, src: Path) -> tuple[int, str]:
+    """(select_layer, select_feature) from a LLaVA config; what capguard cannot reproduce is an error.
+
+    Example: vision_feature_layer -2, vision_feature_select_strategy "default" -> (-2, "patch").
+    """
+    if config.model_type not in SUPPORTED:
+        raise CheckpointError(f"{src}: model_type {config.model_type!r} is not supported; "
+                              f"expected one of {', '.join(SUPPORTED)}")
+    layer, strategy = config.vision_feature_layer, config.vision_feature_select_strategy
+    if not isinstance(layer, int):
+        raise CheckpointError(f"{src}: vision_feature_layer {layer!r} (several layers concatenated) is not "
+                              "supported; capguard reads one layer")
+    if strategy not in SELECT_FEATURE:
+        raise CheckpointError(f"{src}: vision_feature_select_strategy {strategy!r} is not one of "
+                              f"{', '.join(SELECT_FEATURE)}")
+    act, bias = getattr(config, "projector_hidden_act", "gelu"), getattr(config, "multimodal_projector_bias", True)
+    if act != "gelu" or not bias:
+        raise CheckpointError(f"{src}: only LLaVA's Linear-GELU-Linear projector with biases maps onto mlp2x_gelu "
+                              f"(projector_hidden_act={act!r}, multimodal_projector_bias={bias!r})")
+    return layer, SELECT_FEATURE[strategy]
 
 
 def import_prompt(tokenizer, src: Path, config, prompt: str | None, instruction: str | None) -> str:

@@ -299,12 +299,13 @@ def test_import_onevision_drops_image_newline_and_keeps_all_tokens(tmp_path, tok
     assert outputs[0].num_tokens > 0
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda k: k, "stray.weight"),                                                     # a key nobody consumes
-    (lambda k: None if k == "multi_modal_projector.linear_2.bias" else k, "missing keys 2.bias"),
-    (lambda k: None if k == "language_model.model.norm.weight" else k, "missing keys model.norm.weight"),
+@pytest.mark.parametrize("edit, extra, message", [
+    (lambda k: k, "stray.weight", "belong to no part of a LLaVA model: stray.weight"),
+    (lambda k: k, "image_newline", "image_newline in a llava checkpoint"),
+    (lambda k: None if k == "multi_modal_projector.linear_2.bias" else k, None, "missing keys 2.bias"),
+    (lambda k: None if k == "language_model.model.norm.weight" else k, None, "missing keys model.norm.weight"),
 ])
-def test_import_is_strict(tmp_path, llava, edit, message):
+def test_import_is_strict(tmp_path, llava, edit, extra, message):
     import shutil
 
     from capguard.models.importer import import_llava
@@ -312,11 +313,27 @@ def test_import_is_strict(tmp_path, llava, edit, message):
     src = tmp_path / "src"
     shutil.copytree(llava[0], src)
     state = rewrite_keys(src, edit)
-    if message == "stray.weight":
-        save_file({**state, "stray.weight": torch.zeros(3)}, str(src / "model.safetensors"))
+    if extra:
+        save_file({**state, extra: torch.zeros(TEXT_HIDDEN)}, str(src / "model.safetensors"))
     with pytest.raises(CheckpointError, match=message):
         import_llava(src, tmp_path / "out")
     assert not (tmp_path / "out" / "capguard.json").exists()
+
+
+def test_import_refuses_what_it_cannot_reproduce(tmp_path, llava):
+    import shutil
+
+    from capguard.models.importer import import_llava
+
+    src = tmp_path / "src"
+    shutil.copytree(llava[0], src)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "vision_feature_layer": [-2, -5]}))
+    with pytest.raises(CheckpointError, match="several layers"):
+        import_llava(src, tmp_path / "out")
+    (src / "config.json").write_text(json.dumps({**config, "model_type": "llava_next_video"}))
+    with pytest.raises(CheckpointError, match="not supported"):
+        import_llava(src, tmp_path / "out")
 
 
 def test_import_checks_shapes(tmp_path, llava):
@@ -349,6 +366,12 @@ def test_cli_import_then_caption(tmp_path, llava, capsys):
     assert isinstance(line["caption"], str) and line["scores"]["siglip"] is None and len(line["fingerprint"]) == 64
     assert main(["import", str(llava[0]), "--out", str(out)]) == 2        # not empty: refused, one line
     assert "pass --force" in capsys.readouterr().err
+    scorer = init_checkpoint(tmp_path / "base", "linear", seed=0) / "siglip"
+    assert main(["import", str(llava[0]), "--out", str(out), "--force", "--scorer", str(scorer)]) == 0
+    assert CheckpointConfig.load(out).scorer.path == "../base/siglip"
+    capsys.readouterr()
+    assert main(["caption", str(video), "--checkpoint", str(out), "--max-new-tokens", "5"]) == 0
+    assert 0 <= json.loads(capsys.readouterr().out.splitlines()[0])["scores"]["siglip"] <= 1
     assert main(["import", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
 
 
