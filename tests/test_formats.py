@@ -280,6 +280,20 @@ def test_imported_captions_are_transformers_llava_captions(tmp_path, llava, toke
         assert got.token_ids == want and len(want) > 0
 
 
+def test_imported_stack_runs_in_bfloat16(tmp_path, llava):
+    """The dtype a GPU gets (bf16), on CPU: tower, projector and LLM all follow llm.dtype."""
+    from capguard.models.importer import import_llava
+
+    out = import_llava(llava[0], tmp_path / "out")
+    config = CheckpointConfig.load(out)
+    config.llm.dtype = "bfloat16"
+    config.save(out)
+    stack = load_stack(out, device="cpu")
+    assert next(stack.captioner.encoder.tower.parameters()).dtype == torch.bfloat16
+    outputs, _ = stack.caption([frames(0), frames(1, count=3)], max_new_tokens=[4, 4])
+    assert all(o.num_tokens > 0 for o in outputs)
+
+
 def test_import_onevision_drops_image_newline_and_keeps_all_tokens(tmp_path, tokenizer, caplog):
     from capguard.models.importer import import_llava
 
