@@ -140,16 +140,18 @@ def import_llava(src: str | Path, out: str | Path, prompt: str | None = None, in
     if parts["dropped"] and config.model_type != "llava_onevision":
         raise CheckpointError(f"{src}: {', '.join(parts['dropped'])} in a {config.model_type} checkpoint (only "
                               "LLaVA-Onevision has an image_newline)")
-    dtype = next((v.dtype for v in parts["llm"].values() if v.is_floating_point()), torch.float32)
+    # each part keeps its own dtype on disk (a fp32 tower beside a bf16 LM is not rounded to bf16)
+    dtype = {part: next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
+             for part, state in parts.items()}
 
     from capguard.models.hf_vision import PROCESSOR_CONFIG, preprocess_config, tower_class
 
     tower_class(config.vision_config.model_type, f"{src}/config.json")   # a supported tower, or a clear error
-    vision = build_on_meta(lambda: AutoModel.from_config(config.vision_config), dtype)
+    vision = build_on_meta(lambda: AutoModel.from_config(config.vision_config), dtype["vision"])
     vision_state = align_prefix(parts["vision"], set(vision.state_dict()), "vision_model.")
     load_strict(vision, vision_state, f"{src} (vision_tower)", assign=True)
 
-    llm = build_on_meta(lambda: AutoModelForCausalLM.from_config(config.text_config), dtype)
+    llm = build_on_meta(lambda: AutoModelForCausalLM.from_config(config.text_config), dtype["llm"])
     llm_state = parts["llm"]
     tied = getattr(config.text_config, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False)
     if tied and "lm_head.weight" not in llm_state and "model.embed_tokens.weight" in llm_state:
@@ -195,7 +197,7 @@ def import_llava(src: str | Path, out: str | Path, prompt: str | None = None, in
     info = {"imported_from": str(src), "architecture": (config.architectures or [config.model_type])[0],
             "dropped": sorted(parts["dropped"])}
     write_checkpoint(out, projector, "mlp2x_gelu", vision_cfg, "llm", scorer=scorer_cfg, prompt=text,
-                     num_frames=num_frames, info=info, dtype=dtype)
+                     num_frames=num_frames, info=info, dtype=dtype["projector"])
     log.info("imported %s -> %s (prompt %r)", src, out, text)
     return out
 

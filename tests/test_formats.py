@@ -280,6 +280,27 @@ def test_imported_captions_are_transformers_llava_captions(tmp_path, llava, toke
         assert got.token_ids == want and len(want) > 0
 
 
+def test_import_keeps_each_parts_dtype(tmp_path, llava):
+    """A bf16 LM beside a fp32 tower and projector: each part is written in its own dtype, bit for bit."""
+    import shutil
+
+    from capguard.models.importer import import_llava
+
+    src = tmp_path / "src"
+    shutil.copytree(llava[0], src)
+    state = load_file(str(src / "model.safetensors"))
+    state = {k: v.to(torch.bfloat16) if k.startswith("language_model.") else v for k, v in state.items()}
+    save_file(state, str(src / "model.safetensors"))
+    out = import_llava(src, tmp_path / "out")
+    llm = load_file(str(out / "llm" / "model.safetensors"))
+    tower = load_file(str(out / "vision" / "model.safetensors"))
+    assert {v.dtype for v in llm.values()} == {torch.bfloat16}
+    assert {v.dtype for v in tower.values() if v.is_floating_point()} == {torch.float32}
+    assert torch.equal(llm["model.norm.weight"], state["language_model.model.norm.weight"])
+    assert torch.equal(load_file(str(out / "projector.safetensors"))["0.weight"],
+                       state["multi_modal_projector.linear_1.weight"])
+
+
 def test_imported_stack_runs_in_bfloat16(tmp_path, llava):
     """The dtype a GPU gets (bf16), on CPU: tower, projector and LLM all follow llm.dtype."""
     from capguard.models.importer import import_llava
