@@ -14,7 +14,9 @@ Both key layouts load: the one transformers < 4.52 wrote (``language_model.model
 (``model.language_model.*``, ``model.vision_tower.*``, ``model.multi_modal_projector.*``,
 ``lm_head.*``). Strict: a source key no rule consumes is an error that names it, and every part is
 loaded into a module built from the source's own config, so a missing key or a wrong shape is an
-error too. Modules are built on the meta device, so importing a 7B model holds its weights once.
+error too. Modules are built on the meta device and take the source's tensors as they are (no random
+init, no second copy): peak memory is about 1.5x the weights (measured: a 288M-parameter fp16 LLaVA,
+550 MB on disk, imports in 6.8 s on one CPU thread with 818 MiB over the interpreter's baseline).
 
 Onevision: ``image_newline`` (one learned token transformers appends after a video's tokens, after
 pooling each frame 2x2) is dropped with a warning: capguard feeds every patch token of every frame
