@@ -133,6 +133,8 @@ def import_llava(src: str | Path, out: str | Path, prompt: str | None = None, in
         raise CheckpointError(f"{src} is not a transformers model directory: config.json is missing")
     if out.exists() and any(out.iterdir()) and not force:
         raise CheckpointError(f"{out} exists and is not empty; pass --force to write into it")
+    if scorer is not None and not (Path(scorer) / "open_clip_config.json").is_file():
+        raise CheckpointError(f"--scorer {scorer} is not an open_clip model directory (open_clip_config.json)")
     try:
         config = AutoConfig.from_pretrained(str(src), local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - an unknown model_type, a broken config.json, ...

@@ -408,6 +408,8 @@ def test_cli_import_then_caption(tmp_path, llava, capsys):
     assert main(["caption", str(video), "--checkpoint", str(out), "--max-new-tokens", "5"]) == 0
     assert 0 <= json.loads(capsys.readouterr().out.splitlines()[0])["scores"]["siglip"] <= 1
     assert main(["import", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+    assert main(["import", str(llava[0]), "--out", str(tmp_path / "x"), "--scorer", str(tmp_path)]) == 2
+    assert "not an open_clip model directory" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         main(["import", str(llava[0]), "--out", str(tmp_path / "x"), "--num-frames", "0"])
     assert exit_.value.code == 2 and "--num-frames" in capsys.readouterr().err
