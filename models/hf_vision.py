@@ -100,7 +100,8 @@ def load_tower(directory: str | Path, dtype: torch.dtype = torch.float32) -> tup
                                           output_loading_info=True)
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for bad dirs
         raise CheckpointError(f"cannot load the vision tower from {directory}: {exc}") from exc
-    unused = [k for k in info.get("unexpected_keys", []) if not _text_half(k)]
+    whole = model_type in ("clip", "siglip")    # a whole CLIPModel / SiglipModel: its text half goes unused
+    unused = [k for k in info.get("unexpected_keys", []) if not (whole and _text_half(k))]
     problems = {"missing_keys": info.get("missing_keys"), "unexpected_keys": unused,
                 "mismatched_keys": info.get("mismatched_keys")}
     problems = {k: sorted(v) for k, v in problems.items() if v}
