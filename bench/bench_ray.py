@@ -28,10 +28,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
-sys.path.insert(0, str(REPO / "tests"))
 
 from bench_server import differing, manifest_videos, server_run, start_server  # noqa: E402
-from ray_fixtures import CLUSTER, loopback_only  # noqa: E402
+from ray_local import CLUSTER, loopback_only  # noqa: E402
 
 
 def in_namespace() -> None:

@@ -314,8 +314,11 @@ class CaptionIngress:
 
     def served(self) -> dict[str, dict[str, int]]:
         """Checkpoint -> model replica id -> videos it captioned, as seen by this ingress (tests, audits)."""
-        stacks = self.state.checkpoints._stacks if self.state else {}
-        return {name: dict(stack.served) for name, stack in stacks.items()}
+        if self.state is None:
+            return {}
+        checkpoints = self.state.checkpoints
+        loaded = {name: checkpoints.loaded(name) for name in checkpoints.names()}
+        return {name: dict(stack.served) for name, stack in loaded.items() if stack is not None}
 
 
 # ---------------------------------------------------------------------------------------------------

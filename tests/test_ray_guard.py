@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from ray_fixtures import ray_test
+from ray_local import ray_test
 
 from capguard.server.guard import Guard, GuardSettings
 from capguard.server.ray_guard import GuardKeeper, actor_name

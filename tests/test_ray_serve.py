@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from ray_fixtures import ray_test
+from ray_local import ray_test
 
 REPO = Path(__file__).resolve().parent.parent
 VAL = REPO / "samples" / "val"

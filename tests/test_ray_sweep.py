@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from ray_fixtures import ray_test
+from ray_local import ray_test
 
 from capguard.models.evaluate import evaluate, load_dataset
 from capguard.models.ray_sweep import PARTIAL_NAME, SweepPlan, SweepWorker, _read_partial, write_report

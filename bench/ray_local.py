@@ -1,4 +1,4 @@
-"""What the Ray tests share: the skip rule and one small local cluster per test module.
+"""A local Ray cluster for tests and benches: the skip rule, the cluster's size, one cluster per test session.
 
 A Ray test runs only where ray is installed (``make install-ray``) AND inside a network namespace that has
 nothing but loopback (``make test-ray`` puts pytest there with ``unshare -n``). Outside such a namespace
@@ -6,7 +6,8 @@ Ray advertises the machine's address, listens on every interface and probes clou
 DNS server, which no test here may do, so the tests skip and say how to run them.
 
     pytestmark = ray_marks()                                     # in a test module, or @ray_test on one test
-    def test_x(ray_cluster): ...                                 # after `from ray_fixtures import ray_cluster`
+    @pytest.mark.usefixtures("ray_cluster")                      # tests/conftest.py imports the fixture
+    def test_x(): ...
 """
 
 from __future__ import annotations
