@@ -35,11 +35,12 @@ lint: $(STAMP)
 install-ray: $(STAMP)
 	$(BIN)/pip install --quiet -e ".[ray]"
 
-# The Ray tests run inside a loopback-only network namespace (root needed): outside one, Ray advertises
-# the machine's address, listens on every interface and probes cloud metadata and a public DNS server.
+# The Ray tests run inside a loopback-only network namespace: outside one, Ray advertises the machine's
+# address, listens on every interface and probes cloud metadata and a public DNS server. Root gets a plain
+# network namespace; anyone else one inside a user namespace (unshare -r).
 test-ray: install-ray
 	RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled OMP_NUM_THREADS=1 \
-	unshare -n sh -c 'ip link set lo up && exec $(BIN)/python -m pytest -q -m ray tests/'
+	unshare -n $$([ "$$(id -u)" -eq 0 ] || echo -r) sh -c 'ip link set lo up && exec $(BIN)/python -m pytest -q -m ray tests/'
 
 clean-venv:
 	rm -rf $(VENV)
