@@ -3,7 +3,7 @@
     python bench/bench_ray.py                          # demo checkpoint, 16 val videos, c1 and c16, 2 rounds
     python bench/bench_ray.py --videos 32 --rounds 3 --replicas 2
 
-Runs itself inside a loopback-only network namespace (``unshare -n``; root), as every Ray cluster here
+Runs itself inside a loopback-only network namespace (``unshare -n``, ``-r`` when not root), as every Ray cluster here
 must: Ray, both servers and the HTTP client all stay on 127.0.0.1. The plain server is bench_server.py's
 (``capguard serve`` as a subprocess); the Ray one is ``build_app`` on a local 2-CPU cluster (ingress with
 its decoder process, model replicas with one torch thread each, the guard actor writing the caption log).
@@ -37,10 +37,11 @@ def in_namespace() -> None:
     """Re-run this script inside a fresh network namespace with only loopback, unless already in one."""
     if loopback_only():
         return
-    if shutil.which("unshare") is None or os.geteuid() != 0:
-        raise SystemExit("bench_ray.py runs Ray in a loopback-only network namespace: needs root and unshare")
+    if shutil.which("unshare") is None:
+        raise SystemExit("bench_ray.py runs Ray in a loopback-only network namespace: needs unshare (util-linux)")
     command = " ".join([sys.executable, *map(lambda a: f"'{a}'", [__file__, *sys.argv[1:]])])
-    os.execvp("unshare", ["unshare", "-n", "sh", "-c", f"ip link set lo up && exec {command}"])
+    user_ns = [] if os.geteuid() == 0 else ["-r"]   # not root: a user namespace owns the network namespace
+    os.execvp("unshare", ["unshare", "-n", *user_ns, "sh", "-c", f"ip link set lo up && exec {command}"])
 
 
 def start_ray(data_dir: Path, replicas: int, port: int) -> str:
