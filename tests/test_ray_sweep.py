@@ -104,7 +104,7 @@ def test_cli_refuses_what_a_sweep_cannot_do(extra, tmp_path, capsys):
 
 
 CUT_SWEEP = r'''
-import os, sys, threading, time
+import os, sys
 from pathlib import Path
 
 import ray
@@ -117,22 +117,37 @@ cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_
                                                         "object_store_memory": 128 * 2**20})
 worker = cluster.add_node(num_cpus=2, object_store_memory=128 * 2**20)   # the node that will be lost
 ray.init(address=cluster.address)
+fsync, rows = os.fsync, []
 
 
-def lose_the_worker():
-    partial = out / "sweep.jsonl"
-    while not partial.is_file() or partial.read_text().count("\n") < 4:   # header + 3 rows
-        time.sleep(0.1)
-    cluster.remove_node(worker)     # every actor of the pool was on it; the head has no CPU for new ones
-    time.sleep(5)
-    cluster.shutdown()              # the job gives up (what a driver cut off from its workers amounts to),
-    os._exit(3)                     # and leaves no process of this cluster behind
+def lose_the_worker_after_three_rows(fd):
+    fsync(fd)
+    rows.append(fd)
+    if len(rows) == 3:              # three rows are on disk: now the node holding every pool actor goes
+        cluster.remove_node(worker)
+        os._exit(3)                 # and the job with it (the test ends what is left of this cluster)
 
 
-threading.Thread(target=lose_the_worker, daemon=True).start()
+os.fsync = lose_the_worker_after_three_rows   # the sweep fsyncs once per finished row
 sweep(checkpoints, videos, out, limit=5, batch_size=2, actors=2, device="cpu")
 os._exit(0)
 '''
+
+
+def end_processes_of(ray_tmpdir: str) -> None:
+    """End, by id, the processes of the cluster the cut run left behind: those started with its RAY_TMPDIR.
+
+    Reads /proc/PID/environ whole: Ray's setproctitle zeroes its first bytes, so psutil's environ() is empty.
+    """
+    import psutil
+
+    marker = f"\0RAY_TMPDIR={ray_tmpdir}\0".encode()
+    for process in psutil.process_iter():
+        try:
+            if marker in b"\0" + Path(f"/proc/{process.pid}/environ").read_bytes() + b"\0":
+                process.kill()
+        except (OSError, psutil.NoSuchProcess):
+            continue
 
 
 @ray_test
@@ -148,11 +163,15 @@ def test_sweep_cut_by_a_lost_node_resumes(local, tmp_path):
     from capguard.models.ray_sweep import sweep
 
     with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as short:   # unix socket paths: <= 107 bytes
-        cut = subprocess.run([sys.executable, "-c", CUT_SWEEP, str(tmp_path), *CHECKPOINTS, str(VIDEOS)],
-                             env={**os.environ, "RAY_TMPDIR": short}, timeout=600, capture_output=True, text=True)
-    assert cut.returncode in (1, 3), cut.stderr[-2000:]   # given up (3), or the sweep failed first (1)
+        try:
+            cut = subprocess.run([sys.executable, "-c", CUT_SWEEP, str(tmp_path), *CHECKPOINTS, str(VIDEOS)],
+                                 env={**os.environ, "RAY_TMPDIR": short}, timeout=600, capture_output=True,
+                                 text=True)
+        finally:
+            end_processes_of(short)
+    assert cut.returncode == 3, cut.stderr[-2000:]
     written = (tmp_path / PARTIAL_NAME).read_text(encoding="utf-8").splitlines()
-    assert 4 <= len(written) < 11                      # cut: some rows, not all ten
+    assert len(written) == 1 + 3                       # the header and the three rows the lost run finished
     report = sweep(CHECKPOINTS, VIDEOS, tmp_path, limit=5, batch_size=2, actors=2, device="cpu")
     resumed = (tmp_path / PARTIAL_NAME).read_text(encoding="utf-8").splitlines()
     assert resumed[:len(written)] == written           # what the lost run finished is kept, not redone
