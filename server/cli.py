@@ -71,11 +71,12 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def cmd_init_checkpoint(args: argparse.Namespace) -> int:
-    from capguard.models.components import init_checkpoint
+    from capguard.models.components import PRESETS, init_checkpoint
 
     options = json.loads(args.options) if args.options else None
-    path = init_checkpoint(args.directory, args.projector, options=options, seed=args.seed)
-    print(json.dumps({"checkpoint": str(path), "projector": args.projector}))
+    path = init_checkpoint(args.directory, args.projector, sizes=PRESETS[args.preset], options=options,
+                           seed=args.seed)
+    print(json.dumps({"checkpoint": str(path), "projector": args.projector, "preset": args.preset}))
     return 0
 
 
@@ -234,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--projector", default="mlp2x_gelu", choices=["linear", "mlp2x_gelu", "c-abstractor"])
     p.add_argument("--options", help='projector options as JSON, e.g. \'{"num_queries": 16}\'')
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", default="tiny", choices=["tiny", "siglip-b16-qwen2-0.5b"],
+                   help="model shapes (random weights): tiny, or SigLIP-B/16 at 224 px + a Qwen2-0.5B-shaped LLM")
     p.set_defaults(func=cmd_init_checkpoint)
 
     p = sub.add_parser("export", help="copy a checkpoint elsewhere, keeping its shared components reachable")

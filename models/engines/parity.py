@@ -64,3 +64,56 @@ def divergence(captioner: Captioner, visual: torch.Tensor, a: Generated, b: Gene
     tokens = (ids_a[step] if step < len(ids_a) else -1, ids_b[step] if step < len(ids_b) else -1)
     return Divergence(index, step, float(top.values[0] - top.values[1]), tokens,
                       (int(top.indices[0]), int(top.indices[1])))
+
+
+def _verdict(stack, outputs) -> dict:
+    """The evaluation verdict (capguard evaluate's rules) over one engine's captions of the whole set."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from capguard.models.diversity import GuardThresholds, diversity_report, tripped_rules
+
+    thresholds = replace(GuardThresholds(), **stack.config.guard)
+    grounded = all(o.text_emb is not None for o in outputs)
+    report = diversity_report([o.caption for o in outputs],
+                              np.stack([o.text_emb for o in outputs]) if grounded else None,    # (n, E)
+                              np.stack([o.video_emb for o in outputs]) if grounded else None,   # (n, E)
+                              near_dup_threshold=thresholds.near_dup_threshold, with_self_bleu=False)
+    tripped = tripped_rules(report, thresholds)
+    return {"status": "collapsed" if tripped else "ok", "tripped": tripped, "unique": report.unique,
+            "n": report.n, "grounding_r1": report.grounding_r1}
+
+
+def compare_engines(checkpoint_dir, frames: list, cache=None, eps: float = 1e-3, device: str = "cpu") -> dict:
+    """Caption ``frames`` ((T, H, W, 3) uint8 arrays) with the hf engine one by one and the vllm engine all at
+    once (same checkpoint, same dtype), and report equal rows, each difference with its HF top-2 gap, and the
+    guard verdict of each engine's captions. Timings are wall seconds of the whole pass (encode and score too).
+    """
+    import time
+
+    from capguard.models.stack import ComponentCache, load_stack
+
+    cache = cache if cache is not None else ComponentCache()
+    hf = load_stack(checkpoint_dir, device=device, cache=cache, engine="hf")
+    vl = load_stack(checkpoint_dir, device=device, cache=cache, engine="vllm")
+    t0 = time.perf_counter()
+    ref = [hf.caption([f])[0][0] for f in frames]          # the reference: HF greedy, batch 1
+    t1 = time.perf_counter()
+    got, _ = vl.caption(frames)                            # every request in vLLM at once
+    t2 = time.perf_counter()
+    cap = hf.captioner
+    differences = []
+    with torch.inference_mode():
+        for i, (a, b) in enumerate(zip(ref, got, strict=True)):
+            if a.token_ids != b.token_ids:
+                pixels = hf.pixels([frames[i]], cap.encoder.preprocess)
+                vis = cap.project(cap.visual_tokens(pixels, [len(frames[i])]))[0]          # (Q, D_llm)
+                differences.append(divergence(cap, vis, Generated(a.caption, a.token_ids),
+                                              Generated(b.caption, b.token_ids), index=i))
+    return {"checkpoint": hf.name, "dtype": str(hf.dtype).removeprefix("torch."), "n": len(frames),
+            "equal": len(frames) - len(differences), "differences": differences,
+            "ties": sum(d.is_tie(eps) for d in differences), "eps": eps,
+            "captions": {"hf": [o.caption for o in ref], "vllm": [o.caption for o in got]},
+            "verdict": {"hf": _verdict(hf, ref), "vllm": _verdict(vl, got)},
+            "seconds": {"hf_one_by_one": t1 - t0, "vllm_all_at_once": t2 - t1}}

@@ -104,6 +104,8 @@ def sampling_params(gen: GenerationConfig, max_tokens: int, eos_id: int | None):
                 options[name] = getattr(gen, name)
     else:
         options["temperature"] = 0.0
+    if getattr(gen, "min_new_tokens", None):   # a config that forces a length (bench/bench_engines.py)
+        options["min_tokens"] = gen.min_new_tokens
     return SamplingParams(**options)
 
 
