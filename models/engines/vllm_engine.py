@@ -57,9 +57,9 @@ def _env(name: str, cast, default):
 
 @dataclass
 class VLLMOptions:
-    # CPU: GiB of KV cache (VLLM_CPU_KVCACHE_SPACE). Unset, vLLM reserved 21 of this machine's 24 GiB;
-    # 2 GiB holds ~10k tokens of a 7B-shaped LLM's KV in bf16, or ~360k of the demo LLM's
-    kv_cache_gib: float = 2.0
+    # CPU: whole GiB of KV cache (VLLM_CPU_KVCACHE_SPACE, an integer to vLLM). Unset, vLLM reserved 21 of this
+    # machine's 24 GiB; 2 GiB hold ~4k tokens of a 7B-shaped LLM's bf16 KV (2k in fp32), ~460k of the demo LLM's
+    kv_cache_gib: int = 2
     # GPU: share of the GPU vLLM may take (weights + KV + graphs); the rest is capguard's encoder, scorer
     # and its own copy of the LLM (embedding table, hf fall-back)
     gpu_memory_utilization: float = 0.5
@@ -74,27 +74,28 @@ class VLLMOptions:
         CAPGUARD_VLLM_MAX_NUM_SEQS, CAPGUARD_VLLM_MAX_MODEL_LEN, CAPGUARD_VLLM_ENFORCE_EAGER (1/0)."""
         eager = os.environ.get("CAPGUARD_VLLM_ENFORCE_EAGER", "").strip().lower()
         options = cls(
-            kv_cache_gib=_env("CAPGUARD_VLLM_KV_CACHE_GIB", float, _env("VLLM_CPU_KVCACHE_SPACE", float, 2.0)),
+            kv_cache_gib=_env("CAPGUARD_VLLM_KV_CACHE_GIB", int, _env("VLLM_CPU_KVCACHE_SPACE", int, 2)),
             gpu_memory_utilization=_env("CAPGUARD_VLLM_GPU_MEMORY_UTILIZATION", float, 0.5),
             max_num_seqs=_env("CAPGUARD_VLLM_MAX_NUM_SEQS", int, 32),
             max_model_len=_env("CAPGUARD_VLLM_MAX_MODEL_LEN", int, 4096),
             enforce_eager=None if eager in ("", "auto") else eager in ("1", "true", "yes"))
-        if options.kv_cache_gib <= 0 or not 0 < options.gpu_memory_utilization <= 1:
-            raise EngineError("CAPGUARD_VLLM_KV_CACHE_GIB must be > 0 and CAPGUARD_VLLM_GPU_MEMORY_UTILIZATION in (0, 1]")
+        if options.kv_cache_gib < 1 or not 0 < options.gpu_memory_utilization <= 1:
+            raise EngineError("CAPGUARD_VLLM_KV_CACHE_GIB must be a whole number >= 1 and CAPGUARD_VLLM_GPU_MEMORY_UTILIZATION in (0, 1]")
         if options.max_num_seqs < 1 or options.max_model_len < 16:
             raise EngineError("CAPGUARD_VLLM_MAX_NUM_SEQS must be >= 1 and CAPGUARD_VLLM_MAX_MODEL_LEN >= 16")
         return options
 
 
-def sampling_params(gen: GenerationConfig, max_tokens: int, eos_id: int | None):
-    """vLLM SamplingParams for a GenerationConfig: greedy is temperature 0; EOS stops the row (and is cut
-    by Captioner.finish). Beam search is not a vLLM sampling mode: asking for it is an error."""
+def sampling_params(gen: GenerationConfig, max_tokens: int, stop_ids: list[int]):
+    """vLLM SamplingParams for a GenerationConfig: greedy is temperature 0; ``stop_ids`` (the tokenizer's EOS,
+    when inside the vocabulary: vLLM rejects others) stop the row, and Captioner.finish cuts them. Beam
+    search is not a vLLM sampling mode: asking for it is an error."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
     if gen.num_beams != 1:
         raise EngineError(f"the vllm engine does not do beam search (num_beams={gen.num_beams}); use the hf engine")
-    options = {"max_tokens": max_tokens, "stop_token_ids": [] if eos_id is None else [eos_id],
+    options = {"max_tokens": max_tokens, "stop_token_ids": list(stop_ids),
                "repetition_penalty": gen.repetition_penalty, "detokenize": False,
                "output_kind": RequestOutputKind.FINAL_ONLY}
     if gen.do_sample:
@@ -122,7 +123,7 @@ class VLLMCore:
             raise EngineError(f"the vllm engine cannot run dtype {dtype}")
         quiet_vllm()
         self.options = options or VLLMOptions()
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{self.options.kv_cache_gib:g}"   # read by the engine core
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.options.kv_cache_gib)   # read by the engine core
         self.llm_dir, self.dtype = Path(llm_dir), dtype
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="capguard-vllm", daemon=True)
@@ -193,12 +194,14 @@ class VLLMEngine:
 
     def __init__(self, captioner: Captioner, core: VLLMCore):
         self.captioner, self.core = captioner, core
+        eos, vocab = captioner.eos_id, core.llm.model_config.get_vocab_size()
+        self._stop_ids = [eos] if eos is not None and 0 <= eos < vocab else []
         self._ids = itertools.count()
         self._prefix = uuid.uuid4().hex[:8]
 
     async def _run(self, embeds: torch.Tensor, gen: GenerationConfig, request_id: str, limit: int) -> Generated:
         """On the core's loop: one prompt through AsyncLLM; a cancelled task aborts its request in vLLM."""
-        params = sampling_params(gen, limit, self.captioner.eos_id)
+        params = sampling_params(gen, limit, self._stop_ids)
         final = None
         try:
             async for out in self.core.llm.generate({"prompt_embeds": embeds}, params, request_id):
