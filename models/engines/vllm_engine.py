@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import os
 import threading
@@ -64,7 +65,7 @@ class VLLMOptions:
     # and its own copy of the LLM (embedding table, hf fall-back)
     gpu_memory_utilization: float = 0.5
     max_num_seqs: int = 32          # requests in the running batch; more wait in vLLM's queue
-    max_model_len: int = 4096       # prompt + caption tokens; capped at the LLM's own limit by vLLM
+    max_model_len: int = 4096       # prompt + caption tokens; capped at the LLM's max_position_embeddings
     # None: eager on CPU (engine start ~11 s, compiled 17-48 s, measured), CUDA graphs on a GPU
     enforce_eager: bool | None = None
 
@@ -144,12 +145,14 @@ class VLLMCore:
 
         on_gpu = torch.cuda.is_available()
         eager = self.options.enforce_eager if self.options.enforce_eager is not None else not on_gpu
+        config = json.loads((self.llm_dir / "config.json").read_text(encoding="utf-8"))
+        max_len = min(self.options.max_model_len, config.get("max_position_embeddings") or self.options.max_model_len)
         args = AsyncEngineArgs(
             model=str(self.llm_dir), dtype=_DTYPES[self.dtype], enable_prompt_embeds=True,
             skip_tokenizer_init=True,          # capguard decodes ids with its own tokenizer (Captioner.finish)
             enable_prefix_caching=False,       # vLLM #56655: wrong KV reuse with prompt embeddings
             enforce_eager=eager, max_num_seqs=self.options.max_num_seqs,
-            max_model_len=self.options.max_model_len,
+            max_model_len=max_len,                # vLLM refuses more than the LLM's positions
             gpu_memory_utilization=self.options.gpu_memory_utilization,
             seed=0, disable_log_stats=True)
         return AsyncLLM.from_engine_args(args)
