@@ -178,10 +178,20 @@ class VLLMCore:
 
 
 def _shutdown(llm, loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
-    """End the engine-core process, then the loop thread (a finalizer: holds no reference to the core)."""
+    """End the engine-core process, then the loop thread (a finalizer: holds no reference to the core).
+
+    The output handler task is cancelled first, on the loop, so it does not log the core's exit as a failure.
+    """
     if llm is not None:
-        try:
+        async def stop() -> None:
+            handler = getattr(llm, "output_handler", None)
+            if handler is not None:
+                handler.cancel()
+                await asyncio.sleep(0)
             llm.shutdown()
+
+        try:
+            asyncio.run_coroutine_threadsafe(stop(), loop).result(timeout=60)
         except Exception as exc:  # noqa: BLE001 - shutting down a dead engine: nothing left to free
             log.warning("vllm engine shutdown: %s: %s", type(exc).__name__, exc)
     loop.call_soon_threadsafe(loop.stop)
