@@ -112,3 +112,18 @@ def test_cli_engine_hf_reports_its_engine(checkpoints_root, video_files, capsys,
     assert main(["caption", "--engine", "hf", "--no-score", "--max-new-tokens", "4", "--checkpoint",
                  str(checkpoints_root / "demo"), str(video_files[0])]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["engine"] == "hf"
+
+
+def test_qwen2_shaped_preset_builds_what_it_names():
+    """The realistic preset's knobs (Qwen2 architecture, grouped-query attention, a padded vocabulary) at toy size."""
+    from capguard.models.components import PRESETS, TinySizes, build_llm, train_tokenizer
+
+    real = PRESETS["siglip-b16-qwen2-0.5b"]
+    assert (real.llm_arch, real.llm_hidden, real.llm_layers, real.llm_kv_heads, real.image_size) == \
+        ("qwen2", 896, 24, 2, 224)
+    tokenizer = train_tokenizer(["a small building"], 300)
+    llm = build_llm(tokenizer, TinySizes(llm_arch="qwen2", llm_hidden=32, llm_heads=4, llm_kv_heads=2,
+                                         llm_intermediate=48, llm_vocab=1000))
+    assert type(llm).__name__ == "Qwen2ForCausalLM"
+    assert llm.config.vocab_size == 1000 and llm.config.num_key_value_heads == 2
+    assert llm.config.intermediate_size == 48
