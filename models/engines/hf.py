@@ -1,9 +1,10 @@
 """The ``hf`` engine: transformers ``generate`` in the calling process (what capguard always did).
 
 Batches are static: ``generate`` runs every row to the batch's longest, and a finished row cannot
-leave early. ``generate_one`` runs one prompt at a time in a worker thread (one lock: the model's
-forward is not shared between threads); ``abort`` stops it at its next decoding step through a
-stopping criterion, so a disconnected client frees the model within one token.
+leave early. ``generate_one`` runs one prompt at a time in a worker thread (one lock: concurrent
+requests queue for the model instead of each taking a share of the CPU); ``abort`` stops it at its
+next decoding step through a stopping criterion, so a disconnected client frees the model within one
+token. ``generate`` (whole batches) takes no lock, as before the engine boundary.
 """
 
 from __future__ import annotations
@@ -42,9 +43,8 @@ class HFEngine:
 
     def generate(self, visual: list[torch.Tensor], gen: GenerationConfig,
                  max_new_tokens: list[int] | None = None) -> list[Generated]:
-        self.check_health()
-        with self._lock:
-            return self.captioner.generate(visual, gen, max_new_tokens)
+        self.check_health()   # no lock: batches may run side by side (the server's CAPGUARD_MODEL_THREADS)
+        return self.captioner.generate(visual, gen, max_new_tokens)
 
     async def generate_one(self, embeds: torch.Tensor, gen: GenerationConfig, request_id: str,
                            max_new_tokens: int | None = None) -> Generated:
