@@ -411,6 +411,9 @@ def main() -> None:
             print(f"{r.projector:<13} {r.batched_vps:>9.2f} {r.vllm_vps or float('nan'):>9.2f} {gain} {r.vllm_same:>5}")
         import shutil
 
+        if getattr(measure_vllm, "core", None) is not None:   # end the engine process before interpreter teardown
+            measure_vllm.core.close()
+            del measure_vllm.core
         shutil.rmtree(llm_dir, ignore_errors=True)
     if not rows:
         sys.exit(1)
