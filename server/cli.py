@@ -110,6 +110,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not args.watch and (args.once or args.max_checkpoints is not None):
         print("capguard evaluate: error: --once and --max-checkpoints only apply to --watch DIR", file=sys.stderr)
         return 2
+    if args.captions:
+        return _evaluate_captions(args)
+    if args.scorer:
+        print("capguard evaluate: error: --scorer only applies to --captions (checkpoints name their own scorer)",
+              file=sys.stderr)
+        return 2
+    if not args.videos:
+        print("capguard evaluate: error: --videos is required with --checkpoints or --watch", file=sys.stderr)
+        return 2
     try:
         dataset = load_dataset(args.videos, args.references, args.limit)
     except ValueError as exc:   # a bad manifest or an empty directory: one line, no trace
@@ -127,6 +136,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"capguard evaluate: stopped; the report in {args.out} has every checkpoint finished so far",
               file=sys.stderr)
         return 130
+    return _print_report(report, Path(args.out))
+
+
+def _evaluate_captions(args: argparse.Namespace) -> int:
+    """``capguard evaluate --captions A.jsonl B.jsonl``: a bad file is one line naming file and line, exit 2."""
+    from capguard.models.captions_file import CaptionsFileError
+    from capguard.models.evaluate_captions import evaluate_captions
+
+    if args.videos and not Path(args.videos).is_dir():
+        print(f"capguard evaluate: error: --videos {args.videos}: with --captions, a directory the rows' "
+              "video_path values are relative to", file=sys.stderr)
+        return 2
+    try:
+        report = evaluate_captions(args.captions, args.out, videos_root=args.videos, scorer=args.scorer or "auto",
+                                   device=args.device, num_frames=args.num_frames or 8)
+    except (CaptionsFileError, FileNotFoundError) as exc:
+        print(f"capguard evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    return _print_report(report, Path(args.out))
+
+
+def _print_report(report: dict, out: Path) -> int:
     for row in report["checkpoints"]:
         print(json.dumps({"checkpoint": row["name"], "unique": f"{row['unique']}/{row['n']}",
                           "diversity": row["diversity"], "siglip": row["siglip_mean"],
@@ -135,7 +166,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                           "top_mode": row["top_mode"]}, ensure_ascii=False))
     for warning in report["warnings"]:
         print(f"warning: {warning['message']}", file=sys.stderr)
-    out = Path(args.out)
     print(json.dumps({"report": str(out / "report.json"), "html": str(out / "report.html"),
                       "captions": str(out / "captions.jsonl")}))
     return 0
@@ -242,7 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--checkpoints", nargs="+", help="checkpoint directories, in the order of the report")
     which.add_argument("--watch", metavar="DIR", help="evaluate each new checkpoint a training run writes under DIR")
-    p.add_argument("--videos", required=True, help="a JSONL manifest (capguard make-videos) or a directory of videos")
+    which.add_argument("--captions", nargs="+", metavar="JSONL",
+                       help="caption files from any pipeline, one per checkpoint or epoch (rows: video, caption, "
+                            "optional siglip, reference, video_path)")
+    p.add_argument("--videos", help="a JSONL manifest (capguard make-videos) or a directory of videos; with "
+                                    "--captions: the directory video_path values are relative to")
+    p.add_argument("--scorer", help="--captions: an open_clip SigLIP/CLIP directory that scores rows with a "
+                                    "video_path (default: the shipped demo scorer; 'none' to skip)")
     p.add_argument("--references", default="auto", choices=["auto", "ko", "en", "none"],
                    help="reference captions from the manifest (auto: caption_ko, else caption_en)")
     p.add_argument("--out", required=True, help="output dir: report.json, report.html, captions.jsonl")
