@@ -89,7 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                       limit_val=args.limit_val, threads=args.threads, select_layer=args.select_layer,
                       select_feature=args.select_feature)
     for name in ("siglip_epochs", "lm_epochs", "stage1_epochs", "stage2_epochs", "stage1_lr", "stage2_lr",
-                 "batch_size", "patience", "weight_decay"):
+                 "batch_size", "patience", "weight_decay", "stop_on_collapse"):
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, value)
@@ -100,7 +100,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                           "diversity": round(h.report["unique_ratio"], 3), "siglip": round(h.siglip_mean, 3),
                           "attribute_accuracy": h.attribute_accuracy, "tripped": h.tripped,
                           "top_mode": h.report["modes"][0]["representative"] if h.report["modes"] else None,
-                          "checkpoint": h.checkpoint}, ensure_ascii=False))
+                          "checkpoint": h.checkpoint, **({"stopped": h.stopped} if h.stopped else {})},
+                         ensure_ascii=False))
     return 0
 
 
@@ -310,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
                       ("stage1_lr", float), ("stage2_lr", float), ("batch_size", int), ("patience", int),
                       ("weight_decay", float)):
         p.add_argument("--" + name.replace("_", "-"), type=typ, dest=name)
+    p.add_argument("--stop-on-collapse", type=int, dest="stop_on_collapse", metavar="N",
+                   help="stop after N collapsed epochs in a row (the guard's rules on the validation captions)")
     p.set_defaults(func=cmd_train)
     return parser
 
