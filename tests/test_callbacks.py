@@ -211,6 +211,7 @@ def test_lightning_lets_a_healthy_run_finish(tmp_path):
     assert [h.status for h in callback.monitor.history] == ["ok"] * 6
 
 
+@pytest.mark.slow
 def test_callbacks_import_without_lightning():
     """capguard.callbacks imports with lightning hidden; the Lightning callback then names the extra."""
     code = ("import sys; sys.modules['lightning'] = None; sys.modules['pytorch_lightning'] = None\n"
@@ -243,3 +244,27 @@ def test_monitor_checks_its_inputs(tmp_path):
     assert json.loads((tmp_path / "captions-epoch-4.jsonl").read_text().splitlines()[0]) == {"video": "0",
                                                                                              "caption": "a"}
     assert importlib.import_module("capguard.callbacks").DiversityMonitor is DiversityMonitor
+
+
+@pytest.mark.slow
+def test_capguard_models_work_out_of_the_box(tmp_path, video_files):
+    """stack_generate (a loaded CaptionStack, with its scorer: SigLIP and grounding) and captioner_generate
+    (a Captioner being trained) caption the probe set as the monitor wants it."""
+    from capguard.callbacks import captioner_generate, stack_generate
+    from capguard.models.components import init_checkpoint
+    from capguard.models.monitor import DiversityMonitor
+    from capguard.models.stack import load_stack
+    from capguard.models.video import sample_frames
+
+    stack = load_stack(init_checkpoint(tmp_path / "tiny", "mlp2x_gelu", seed=0), device="cpu")
+    probe = [sample_frames(p, 4, max_side=stack.frame_side).frames for p in video_files[:4]]
+    monitor = DiversityMonitor(stack_generate(stack), probe, video_paths=video_files[:4], out_dir=tmp_path / "run",
+                               patience=None)
+    result = monitor.evaluate(epoch=1)
+    assert result.siglip_mean is not None and result.report.grounding_r1 is not None and not result.should_stop
+    rows = read_captions_file(tmp_path / "run" / "captions-epoch-1.jsonl").rows
+    assert [r.video_path.resolve() for r in rows] == [p.resolve() for p in video_files[:4]]   # relative, resolvable
+    assert [r.caption for r in rows] == result.captions
+    stack.captioner.train()
+    captions = captioner_generate(stack.captioner, stack.config.generation, batch_size=3)(probe)
+    assert captions == result.captions and stack.captioner.training   # same greedy captions; mode restored
