@@ -37,8 +37,8 @@ WORKDIR /app
 COPY checkpoints/ /app/checkpoints/
 
 # HF_HUB_OFFLINE: weights only ever come from checkpoint directories. CAPGUARD_CHECKPOINTS_ROOT: the
-# installed package does not live next to checkpoints/, so say where they are. CAPGUARD_HOST documents
-# the bind address; CMD passes it to `capguard serve` explicitly.
+# installed package does not live next to checkpoints/, so say where they are. CAPGUARD_HOST: the bind
+# address (CMD passes it to `capguard serve` explicitly too); on it, admin routes need CAPGUARD_ADMIN_TOKEN.
 ENV HF_HUB_OFFLINE=1 \
     CAPGUARD_CHECKPOINTS_ROOT=/app/checkpoints \
     CAPGUARD_DATA_DIR=/data \

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import av  # before decord (models/video.py docstring)
+import av  # before decord (models/video/ package docstring)
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent

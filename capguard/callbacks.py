@@ -35,7 +35,6 @@ from collections.abc import Sequence
 
 from transformers import TrainerCallback
 
-from capguard.models.diversity import GuardThresholds
 from capguard.models.monitor import (
     DiversityMonitor,
     Generate,
@@ -43,6 +42,7 @@ from capguard.models.monitor import (
     captioner_generate,
     stack_generate,
 )
+from capguard.models.rules import GuardThresholds
 
 log = logging.getLogger(__name__)
 PREFIX = "capguard/"   # logged names: capguard/unique_ratio, capguard/collapsed, ...

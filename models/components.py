@@ -25,7 +25,7 @@ from capguard.models.config import (
     ScorerConfig,
     VisionConfig,
 )
-from capguard.models.encoder import OPEN_CLIP_CONFIG
+from capguard.models.encoder import OPEN_CLIP_CONFIG, create_open_clip
 from capguard.models.projector import build_projector
 from capguard.models.weights import save_state_dict
 
@@ -92,7 +92,7 @@ def build_clip(model_cfg: dict) -> nn.Module:
     name = f"capguard-{os.getpid()}-{id(model_cfg)}"
     open_clip.factory._MODEL_CONFIGS[name] = model_cfg  # open_clip's registry of named configs
     try:
-        return open_clip.create_model(name, load_weights=False)
+        return create_open_clip(name)
     finally:
         open_clip.factory._MODEL_CONFIGS.pop(name, None)
 

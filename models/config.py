@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from capguard.models.rules import check_threshold_names
+
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "capguard.json"
 VIDEO_PLACEHOLDER = "<video>"
@@ -49,10 +51,6 @@ class GenerationConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
-
-    def merged(self, **overrides: Any) -> GenerationConfig:
-        """A copy with the non-None overrides applied (per-request options)."""
-        return GenerationConfig(**{**asdict(self), **{k: v for k, v in overrides.items() if v is not None}})
 
 
 @dataclass
@@ -100,11 +98,10 @@ class CheckpointConfig:
         config = cls(**kwargs)
         if VIDEO_PLACEHOLDER not in config.prompt:
             raise CheckpointError(f"{where}: prompt must contain the {VIDEO_PLACEHOLDER} placeholder")
-        from capguard.models.diversity import GuardThresholds
-
-        unknown = set(config.guard) - {f.name for f in fields(GuardThresholds)}
-        if unknown:
-            raise CheckpointError(f"{where}: unknown guard thresholds {sorted(unknown)}")
+        try:
+            check_threshold_names(config.guard)
+        except ValueError as exc:
+            raise CheckpointError(f"{where}: {exc}") from exc
         if config.vision.select_feature not in ("patch", "cls_patch"):
             raise CheckpointError(f"{where}: vision.select_feature must be 'patch' or 'cls_patch'")
         return config

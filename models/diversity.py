@@ -8,7 +8,8 @@ The field report (../shared/seed/) taught four things, and each has a metric her
   window's videos -> ``grounding`` (R@1 and margin on scorer embeddings);
 - corpus-level repetition in softer forms -> ``repeat_probability``, ``distinct_n``, ``self_bleu``.
 
-``diversity_report`` computes all of them once; ``tripped_rules`` applies ``GuardThresholds``.
+``diversity_report`` computes all of them once; ``capguard.models.rules.tripped_rules`` applies
+``GuardThresholds`` to its report.
 
 Conventions: every count works on ``caption_key`` (normalized, spaces removed; see
 ``normalize_caption`` for why). A metric that is undefined for its input (no captions, no n-grams,
@@ -21,7 +22,6 @@ from __future__ import annotations
 import bisect
 import functools
 import logging
-import math
 import unicodedata
 from collections import Counter
 from collections.abc import Sequence
@@ -33,9 +33,11 @@ from rapidfuzz.distance import Indel
 from sacrebleu.metrics.bleu import BLEU
 from sacrebleu.metrics.helpers import extract_all_word_ngrams
 
+from capguard.models.jsonable import jsonable
+from capguard.models.rules import NEAR_DUP_THRESHOLD, check_near_dup_threshold
+
 logger = logging.getLogger(__name__)
 
-RULES = ("unique_ratio", "near_unique_ratio", "top_mode_share", "grounding_r1")  # names tripped_rules returns
 NAN = float("nan")
 
 # ---------------------------------------------------------------------------------------------------------
@@ -266,11 +268,6 @@ def _leader_clusters(keys: list[str], threshold: float) -> list[int]:
     return cluster_of
 
 
-def _check_threshold(threshold: float) -> None:
-    if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"near-duplicate threshold must be in (0, 1], got {threshold}; 0.9 is the default")
-
-
 class SimilarityCache:
     """Pairwise similarities of a changing set of distinct caption keys, for clustering a rolling window.
 
@@ -286,7 +283,7 @@ class SimilarityCache:
     """
 
     def __init__(self, threshold: float):
-        _check_threshold(threshold)
+        check_near_dup_threshold(threshold)
         self.threshold = threshold
         self._slot: dict[str, int] = {}       # key -> its row/column in _sim
         self._free: list[int] = []            # rows/columns of keys that left, reused first
@@ -354,7 +351,7 @@ def _cached_leader_clusters(keys: list[str], cache: SimilarityCache) -> list[int
     return cluster_of
 
 
-def cluster_near_duplicates(captions: Sequence[str], threshold: float = 0.9) -> list[Mode]:
+def cluster_near_duplicates(captions: Sequence[str], threshold: float = NEAR_DUP_THRESHOLD) -> list[Mode]:
     """Group captions that are the same up to small edits; modes sorted by count (desc), then first index.
 
     Similarity is rapidfuzz ``Indel.normalized_similarity`` (= ``fuzz.ratio`` / 100) on ``caption_key``
@@ -373,7 +370,7 @@ def cluster_near_duplicates(captions: Sequence[str], threshold: float = 0.9) -> 
     [Mode("aaaaaaaaaa", 4, 0.667, [0, 1, 2, 3], variants=2), Mode("bbbbbbbbbb", 2, 0.333, [4, 5])]
     ("aaaaaaaaab" is 2 Indel edits from the leader: 1 - 2/20 = 0.9 >= 0.9).
     """
-    _check_threshold(threshold)
+    check_near_dup_threshold(threshold)
     return _clusters(captions, _keys(captions), threshold)[1]
 
 
@@ -417,7 +414,7 @@ def _clusters(captions: Sequence[str], keys: list[str], threshold: float, cache:
     return len(grouped), modes
 
 
-def near_unique_ratio(captions: Sequence[str], threshold: float = 0.9) -> float:
+def near_unique_ratio(captions: Sequence[str], threshold: float = NEAR_DUP_THRESHOLD) -> float:
     """Near-duplicate clusters / captions: ``unique_ratio`` that does not count one-word variants twice.
 
     n == 0 -> nan.
@@ -429,7 +426,7 @@ def near_unique_ratio(captions: Sequence[str], threshold: float = 0.9) -> float:
     return len(modes) / len(captions) if len(captions) else NAN
 
 
-def top_mode_share(captions: Sequence[str], threshold: float = 0.9) -> float:
+def top_mode_share(captions: Sequence[str], threshold: float = NEAR_DUP_THRESHOLD) -> float:
     """Share of the largest near-duplicate cluster: "one caption in five is this one" at 0.2.
 
     n == 0 -> nan.
@@ -587,29 +584,7 @@ def grounding(text_emb: np.ndarray, video_emb: np.ndarray) -> tuple[float, float
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Report and guard rules
-
-
-@dataclass
-class GuardThresholds:
-    """When a window counts as collapsed (DESIGN.md defaults); any one rule tripping flags it."""
-
-    min_unique_ratio: float = 0.5       # the field report's healthy line; every collapsed epoch sat below it
-    min_near_unique_ratio: float = 0.5  # same line, counting one-word variants once (epochs 5-6)
-    max_top_mode_share: float = 0.2    # one caption for more than 1 video in 5 is a mode, whatever the rest do
-    # R@1 floor. Chance is 1/n (0.033 at the guard's 30-caption minimum, 0.01 at 100), so 0.1 is 3-10x
-    # chance: a healthy captioner clears it even on a window of look-alike videos (all buildings), while
-    # generic captions, which SigLIP rewards, cannot: R@1 <= (captions seen once) / n, and the report's
-    # 9-of-97 epoch is capped at 0.093.
-    min_grounding_r1: float = 0.1
-    near_dup_threshold: float = 0.9     # Indel similarity for "same caption": a 2-syllable swap in 35 is 0.94
-
-    def __post_init__(self) -> None:
-        for name in ("min_unique_ratio", "min_near_unique_ratio", "max_top_mode_share", "min_grounding_r1"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"GuardThresholds.{name} is a ratio in [0, 1], got {value}")
-        _check_threshold(self.near_dup_threshold)
+# Report
 
 
 @dataclass
@@ -629,30 +604,20 @@ class DiversityReport:
     grounding_r1: float | None       # None without embeddings; nan below 2 captions
     grounding_margin: float | None   # same
     modes: list[Mode]                # the top_k clusters: what the model keeps saying
-    near_dup_threshold: float = 0.9  # the similarity the clusters used, so a report explains itself
+    near_dup_threshold: float = NEAR_DUP_THRESHOLD  # the similarity the clusters used, so a report explains itself
 
     def to_dict(self) -> dict:
         """JSON-able dict; nan becomes None (JSON has no nan).
 
         Example: DiversityReport(n=0, unique_ratio=nan, ...).to_dict()["unique_ratio"] -> None.
         """
-        return _finite_or_none(asdict(self))
-
-
-def _finite_or_none(value):
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite_or_none(v) for v in value]
-    return value
+        return jsonable(asdict(self))
 
 
 def diversity_report(captions: Sequence[str], text_emb: np.ndarray | None = None,
-                     video_emb: np.ndarray | None = None, near_dup_threshold: float = 0.9, top_k: int = 5,
-                     with_self_bleu: bool = True, with_distinct_n: bool = True, keys: list[str] | None = None,
-                     cache: SimilarityCache | None = None) -> DiversityReport:
+                     video_emb: np.ndarray | None = None, near_dup_threshold: float = NEAR_DUP_THRESHOLD,
+                     top_k: int = 5, with_self_bleu: bool = True, with_distinct_n: bool = True,
+                     keys: list[str] | None = None, cache: SimilarityCache | None = None) -> DiversityReport:
     """All metrics for one set of captions, normalizing and clustering once.
 
     Grounding needs both embeddings (row i = caption i / its video), else its fields are None.
@@ -665,7 +630,7 @@ def diversity_report(captions: Sequence[str], text_emb: np.ndarray | None = None
     """
     if (text_emb is None) != (video_emb is None):
         raise ValueError("grounding needs both text_emb and video_emb (or neither)")
-    _check_threshold(near_dup_threshold)
+    check_near_dup_threshold(near_dup_threshold)
     if keys is None:
         keys = _keys(captions)
     elif len(keys) != len(captions):
@@ -695,28 +660,8 @@ def diversity_report(captions: Sequence[str], text_emb: np.ndarray | None = None
     )
 
 
-def tripped_rules(report: DiversityReport, thresholds: GuardThresholds) -> list[str]:
-    """Names of the guard rules the report breaks, in ``RULES`` order; nan/None figures never trip.
-
-    grounding_r1 is checked only when the report has grounding.
-
-    Example: unique_ratio=0.01, near_unique_ratio=0.01, top_mode_share=1.0, grounding_r1=None ->
-    ["unique_ratio", "near_unique_ratio", "top_mode_share"].
-    """
-    tripped = []
-    if report.unique_ratio < thresholds.min_unique_ratio:
-        tripped.append("unique_ratio")
-    if report.near_unique_ratio < thresholds.min_near_unique_ratio:
-        tripped.append("near_unique_ratio")
-    if report.top_mode_share > thresholds.max_top_mode_share:
-        tripped.append("top_mode_share")
-    if report.grounding_r1 is not None and report.grounding_r1 < thresholds.min_grounding_r1:
-        tripped.append("grounding_r1")
-    return tripped
-
-
 __all__ = [
-    "RULES", "DiversityReport", "GuardThresholds", "Mode", "SimilarityCache", "caption_key", "cluster_near_duplicates",
+    "DiversityReport", "Mode", "SimilarityCache", "caption_key", "cluster_near_duplicates",
     "distinct_n", "diversity_report", "grounding", "near_unique_ratio", "normalize_caption",
-    "repeat_probability", "self_bleu", "top_mode_share", "tripped_rules", "unique_ratio",
+    "repeat_probability", "self_bleu", "top_mode_share", "unique_ratio",
 ]

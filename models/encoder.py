@@ -24,6 +24,29 @@ log = logging.getLogger(__name__)
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 
 
+class _NoFalseRandomInitWarning(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded ... initialized randomly" root-logger warning.
+
+    ``create_model(..., load_weights=False)`` always logs it, yet capguard loads the weights strictly right
+    after (or, for a fresh component, means to start random): a new user's first ``make serve`` would show
+    a false warning on every checkpoint load. Only that message is dropped, only while building.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded for model")
+
+
+def create_open_clip(name: str) -> nn.Module:
+    """``open_clip.create_model(name, load_weights=False)`` without its false random-init warning."""
+    root = logging.getLogger()
+    quiet = _NoFalseRandomInitWarning()
+    root.addFilter(quiet)
+    try:
+        return open_clip.create_model(name, load_weights=False)
+    finally:
+        root.removeFilter(quiet)
+
+
 def load_open_clip(directory: str | Path) -> tuple[nn.Module, dict]:
     """Build an open_clip model from a local dir and load its weights strictly; returns (model, preprocess_cfg)."""
     directory = Path(directory)
@@ -34,7 +57,7 @@ def load_open_clip(directory: str | Path) -> tuple[nn.Module, dict]:
     if not files:
         raise CheckpointError(f"{directory}: no open_clip_model.safetensors (or open_clip_pytorch_model.bin)")
     try:
-        model = open_clip.create_model(f"local-dir:{directory}", load_weights=False)
+        model = create_open_clip(f"local-dir:{directory}")
     except Exception as exc:  # noqa: BLE001 - config errors come in many types
         raise CheckpointError(f"{cfg_path}: cannot build the open_clip model: {exc}") from exc
     load_strict(model, read_state_dict(files[0]), str(files[0]))

@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from capguard.models.captions_file import write_captions_file
-from capguard.models.diversity import DiversityReport, GuardThresholds, diversity_report, tripped_rules
+from capguard.models.diversity import DiversityReport, diversity_report
+from capguard.models.rules import GuardThresholds, tripped_rules
 
 log = logging.getLogger(__name__)
 

@@ -34,6 +34,17 @@ def load_tokenizer(model_dir: Path, tokenizer_dir: Path | None, context_length: 
                               f"scorer.tokenizer in capguard.json") from exc
 
 
+def pool_frames(image_emb: torch.Tensor, frames_per_video: list[int]) -> torch.Tensor:
+    """(sum T, E) frame embeddings -> (B, E) video embeddings: normalize, mean per video, normalize again.
+
+    The one definition of a video's embedding: the scorer uses it at inference, and training
+    (capguard.models.train) through autograd, so the scorer is trained on what it later computes.
+    Example: two videos of 8 frames each -> image_emb (16, E), frames_per_video [8, 8] -> (2, E).
+    """
+    frames = F.normalize(image_emb.float(), dim=-1)
+    return F.normalize(torch.stack([f.mean(0) for f in torch.split(frames, frames_per_video)]), dim=-1)
+
+
 class Scorer(nn.Module):
     def __init__(self, model: nn.Module, tokenizer):
         super().__init__()
@@ -49,9 +60,8 @@ class Scorer(nn.Module):
 
     @torch.inference_mode()
     def video_embeddings(self, image_emb: torch.Tensor, frames_per_video: list[int]) -> torch.Tensor:
-        """Pooled frame features (sum T, E) -> (B, E): normalize, mean per video, normalize again."""
-        frames = F.normalize(image_emb.float(), dim=-1)
-        return F.normalize(torch.stack([f.mean(0) for f in torch.split(frames, frames_per_video)]), dim=-1)
+        """Pooled frame features (sum T, E) -> (B, E), see ``pool_frames``."""
+        return pool_frames(image_emb, frames_per_video)
 
     @torch.inference_mode()
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -72,11 +82,3 @@ class Scorer(nn.Module):
         if self.kind == "siglip":
             return torch.sigmoid(self.model.logit_scale.exp() * cos + self.model.logit_bias).float()
         return 2.5 * cos.clamp(min=0)
-
-    @torch.inference_mode()
-    def logits(self, text_emb: torch.Tensor, video_emb: torch.Tensor) -> torch.Tensor:
-        """All pairs: (n_text, n_video) similarity logits (for retrieval checks)."""
-        out = self.model.logit_scale.exp() * text_emb @ video_emb.T
-        if self.kind == "siglip":
-            out = out + self.model.logit_bias
-        return out

@@ -182,9 +182,8 @@ def compile_llm(stack: CaptionStack) -> float:
     The warm-up generates for one video, for two, and for two of different lengths (random frames, a few
     tokens): the second call makes the compiled graphs shape-generic and the third compiles the left-padded
     path, so no later batch size or frame count compiles again (a compile on a request would stall it for
-    tens of seconds; tested). Tokens are the eager ones (tested). Measured on the 2-core dev CPU with the
-    demo stack: ``generate`` -28 % for one video, -16 % for eight, after 64 s of compiling and warm-up
-    (20 s with a warm Inductor cache; bench/RESULTS.md). An LLM shared by several checkpoints is compiled
+    tens of seconds; tested). Tokens are the eager ones (tested). What it gains and what compiling costs per
+    load: bench/RESULTS.md ("torch.compile of the LLM"). An LLM shared by several checkpoints is compiled
     once. When compiling fails (no C++ compiler for the CPU backend, a model torch.compile cannot trace),
     the LLM stays eager, a warning says why, and 0.0 is returned.
     """

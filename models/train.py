@@ -44,11 +44,12 @@ from capguard.models.components import (
     write_open_clip_dir,
 )
 from capguard.models.config import GenerationConfig, ScorerConfig, VisionConfig
-from capguard.models.diversity import GuardThresholds
 from capguard.models.encoder import FramePreprocessor, VisionEncoder, load_open_clip
+from capguard.models.evaluate.metrics import attribute_scores
 from capguard.models.monitor import DiversityMonitor
 from capguard.models.projector import build_projector
-from capguard.models.scorer import Scorer, load_tokenizer
+from capguard.models.rules import GuardThresholds
+from capguard.models.scorer import Scorer, load_tokenizer, pool_frames
 from capguard.models.video import sample_frames
 
 log = logging.getLogger(__name__)
@@ -129,13 +130,12 @@ def batches(n: int, size: int, rng: random.Random | None):
 # ---- 1. the SigLIP-style scorer / encoder ---------------------------------------------------------
 
 def video_features(model, pixels: torch.Tensor, batch: int = 32) -> torch.Tensor:
-    """(N, T, 3, S, S) preprocessed pixels -> (N, E): normalized mean of normalized frame embeddings."""
+    """(N, T, 3, S, S) preprocessed pixels -> (N, E), pooled as the scorer pools (scorer.pool_frames)."""
     out = []
     for i in range(0, pixels.shape[0], batch):
         clip = pixels[i:i + batch].float()
         n, t = clip.shape[:2]
-        emb = F.normalize(model.encode_image(clip.flatten(0, 1)), dim=-1).view(n, t, -1)
-        out.append(F.normalize(emb.mean(1), dim=-1))
+        out.append(pool_frames(model.encode_image(clip.flatten(0, 1)), [t] * n))   # (n, E)
     return torch.cat(out)
 
 
@@ -258,8 +258,6 @@ class EpochStats:
 def validate(captioner: Captioner, val_feats, val_rows, val_targets, scorer: Scorer, val_video_emb,
              batch: int, lang: str):
     """Validation loss, greedy captions, their (n, E) text embeddings, SigLIP per caption, attribute accuracy."""
-    from capguard.models import synth
-
     captioner.eval()
     losses, captions = [], []
     with torch.inference_mode():
@@ -269,11 +267,8 @@ def validate(captioner: Captioner, val_feats, val_rows, val_targets, scorer: Sco
             captions += [g.text for g in captioner.generate(visual, GenerationConfig(max_new_tokens=40))]
         text_emb = scorer.text_embeddings(captions)
         siglip = scorer.scores(text_emb, val_video_emb).tolist()
-    accuracy = None
-    if "attributes" in val_rows[0]:
-        hits = [np.mean(list(synth.attribute_accuracy(c, synth.BuildingAttrs(**r["attributes"]), lang).values()))
-                for c, r in zip(captions, val_rows, strict=True)]
-        accuracy = float(np.mean(hits))
+    attributes = attribute_scores(captions, [r.get("attributes") for r in val_rows], lang)
+    accuracy = attributes["mean"] if attributes else None
     return sum(losses) / len(val_rows), captions, text_emb.numpy(), siglip, accuracy
 
 

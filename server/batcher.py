@@ -2,7 +2,7 @@
 
     batcher = Batcher(run_batch, max_batch_size=8, max_wait_s=0.01, queue_size=64)
     batcher.start()
-    result = await batcher.submit(job)      # job.key: jobs with equal keys may share a batch
+    result = await batcher.submit(job, key="demo")   # jobs with equal keys may share a batch
 
 A model thread takes the oldest waiting job, then keeps collecting jobs with the same key
 (checkpoint) until the batch is full, ``max_wait_s`` has passed since it started waiting, or nothing

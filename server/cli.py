@@ -26,12 +26,30 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
+def _at_least(minimum: float, kind: type = int):
+    """An argparse type: a number >= minimum, else a usage error (exit code 2) naming the value.
+
+    ``--num-frames 0`` used to fall through an ``or`` to the checkpoint's default; now it is refused.
+    Example: _at_least(1)("8") -> 8; _at_least(1)("0") -> ArgumentTypeError; _at_least(0)("0") -> 0.
+    """
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value >= minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        return value
+    parse.__name__ = kind.__name__   # argparse names the type in its messages
+    return parse
+
+
 def cmd_caption(args: argparse.Namespace) -> int:
     from capguard.models.stack import load_stack
     from capguard.models.video import VideoError, VideoLimits, sample_frames
 
     stack = load_stack(args.checkpoint, device=args.device, with_scorer=not args.no_score)
-    num_frames = args.num_frames or stack.config.num_frames
+    num_frames = stack.config.num_frames if args.num_frames is None else args.num_frames
     failures = 0
     for start in range(0, len(args.videos), args.batch_size):
         paths, frames, metas = [], [], []
@@ -48,8 +66,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
             metas.append(sampled)
         if not frames:
             continue
-        outputs, stages = stack.caption(frames, max_new_tokens=[args.max_new_tokens] * len(frames)
-                                        if args.max_new_tokens else None)
+        outputs, stages = stack.caption(frames, max_new_tokens=None if args.max_new_tokens is None
+                                        else [args.max_new_tokens] * len(frames))
         for path, sampled, out in zip(paths, metas, outputs, strict=True):
             record = {
                 "video": path, "caption": out.caption, "checkpoint": stack.name, "fingerprint": stack.fingerprint,
@@ -143,7 +161,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _evaluate_captions(args: argparse.Namespace) -> int:
     """``capguard evaluate --captions A.jsonl B.jsonl``: a bad file is one line naming file and line, exit 2."""
     from capguard.models.captions_file import CaptionsFileError
-    from capguard.models.evaluate_captions import evaluate_captions
+    from capguard.models.evaluate.captions import evaluate_captions
 
     if args.videos and not Path(args.videos).is_dir():
         print(f"capguard evaluate: error: --videos {args.videos}: with --captions, a directory the rows' "
@@ -191,6 +209,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not (checkpoint_dir / MANIFEST_NAME).is_file():
         raise FileNotFoundError(f"no checkpoint at {checkpoint_dir} ({MANIFEST_NAME} missing); pass --checkpoint "
                                 "DIR, or write one with `capguard init-checkpoint DIR` or `capguard train`")
+    if args.host is not None:   # the bind decides whether admin routes may go without a token (server/deps.py)
+        settings = settings.model_copy(update={"host": args.host})
     threads = settings.resolved_torch_threads()
     if threads is not None:
         import torch
@@ -201,7 +221,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from capguard.server.app import create_app
 
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, http=settings.http, loop=settings.loop,
+    uvicorn.run(create_app(settings), host=settings.host, port=args.port, http=settings.http, loop=settings.loop,
                 log_level="debug" if args.verbose else "info")
     return 0
 
@@ -228,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the HTTP API (settings: CAPGUARD_* environment variables)")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", help="address to bind (default: CAPGUARD_HOST, else 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--checkpoint", help="checkpoint name under checkpoints_root, or a checkpoint directory "
                                         "(default: CAPGUARD_DEFAULT_CHECKPOINT, else checkpoints/demo)")
@@ -237,9 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("caption", help="caption videos; one JSON line per video")
     p.add_argument("videos", nargs="+")
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
-    p.add_argument("--num-frames", type=int, default=None, help="default: the checkpoint's num_frames")
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-frames", type=_at_least(1), default=None, help="default: the checkpoint's num_frames")
+    p.add_argument("--max-new-tokens", type=_at_least(1), default=None)
+    p.add_argument("--batch-size", type=_at_least(1), default=8)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-score", action="store_true", help="skip the scorer")
     p.set_defaults(func=cmd_caption)
@@ -261,12 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-videos", help="render the synthetic building videos + JSONL manifests")
     p.add_argument("--out", required=True)
-    p.add_argument("--train", type=int, default=865)
-    p.add_argument("--val", type=int, default=97)
+    p.add_argument("--train", type=_at_least(0), default=865)
+    p.add_argument("--val", type=_at_least(0), default=97)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--size", type=_at_least(1), default=128)
     p.add_argument("--seconds", type=float, default=2.0)
-    p.add_argument("--fps", type=int, default=8)
+    p.add_argument("--fps", type=_at_least(1), default=8)
     p.set_defaults(func=cmd_make_videos)
 
     p = sub.add_parser("evaluate", help="caption a data set with several checkpoints; report.json/html per run")
@@ -283,13 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--references", default="auto", choices=["auto", "ko", "en", "none"],
                    help="reference captions from the manifest (auto: caption_ko, else caption_en)")
     p.add_argument("--out", required=True, help="output dir: report.json, report.html, captions.jsonl")
-    p.add_argument("--num-frames", type=int, default=None, help="default: each checkpoint's num_frames")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: each checkpoint's own")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--limit", type=int, help="evaluate the first N videos only")
+    p.add_argument("--num-frames", type=_at_least(1), default=None, help="default: each checkpoint's num_frames")
+    p.add_argument("--max-new-tokens", type=_at_least(1), default=None, help="default: each checkpoint's own")
+    p.add_argument("--batch-size", type=_at_least(1), default=16)
+    p.add_argument("--limit", type=_at_least(1), help="evaluate the first N videos only")
     p.add_argument("--device", default="auto")
     p.add_argument("--interval", type=float, default=30.0, help="--watch: seconds between polls")
-    p.add_argument("--max-checkpoints", type=int, help="--watch: stop after N new checkpoints")
+    p.add_argument("--max-checkpoints", type=_at_least(1), help="--watch: stop after N new checkpoints")
     p.add_argument("--once", action="store_true", help="--watch: evaluate what is complete now (two polls), then stop")
     p.set_defaults(func=cmd_evaluate)
 
@@ -302,9 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lang", default="ko", choices=["ko", "en"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh", action="store_true", help="retrain the shared encoder/scorer and LM even if present")
-    p.add_argument("--limit-train", type=int)
-    p.add_argument("--limit-val", type=int)
-    p.add_argument("--threads", type=int)
+    p.add_argument("--limit-train", type=_at_least(1))
+    p.add_argument("--limit-val", type=_at_least(1))
+    p.add_argument("--threads", type=_at_least(1))
     p.add_argument("--select-layer", type=int, default=-2)
     p.add_argument("--select-feature", default="patch", choices=["patch", "cls_patch"])
     for name, typ in (("siglip_epochs", int), ("lm_epochs", int), ("stage1_epochs", int), ("stage2_epochs", int),

@@ -32,7 +32,6 @@ import resource
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -43,6 +42,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
+
+from capguard.server.childproc import describe_exit, start_child
 
 log = logging.getLogger(__name__)
 
@@ -113,26 +114,10 @@ def _worker_main(conn: Connection, decoder: str) -> None:
             _send_json(conn, {"ok": False, "code": code, "message": message.replace(os.fspath(path), "the upload")})
 
 
-def _worker_entry(fd: int, decoder: str) -> None:
-    """What a fresh interpreter runs (see DecodeWorker): wrap the inherited socket and serve."""
-    _worker_main(Connection(fd), decoder)
-
-
-# The worker's whole program: the parent's sys.path (so a decoder in tests/ or a script's folder
-# imports), then this module. Unlike multiprocessing's spawn it does not re-run the parent's
-# __main__, which may import torch or not be a file at all (stdin, notebooks).
-_BOOTSTRAP = ("import json, sys; sys.path[:] = json.loads(sys.argv[3]); "
-              "from capguard.server.decode import _worker_entry; _worker_entry(int(sys.argv[1]), sys.argv[2])")
-
-
-def describe_exit(code: int) -> str:
-    """A child's exit status in words. Example: -11 -> "killed by SIGSEGV"; 1 -> "exited with status 1"."""
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exited with status {code}"
+def worker_entry(argv: list[str]) -> None:
+    """What a fresh interpreter runs (server/childproc.py): argv = [socket fd, decoder]; wrap the socket, serve."""
+    fd, decoder = argv
+    _worker_main(Connection(int(fd)), decoder)
 
 
 def _death(process: subprocess.Popen) -> str:
@@ -150,9 +135,8 @@ class DecodeWorker:
     def __init__(self, decoder: str):
         parent, child = socket.socketpair()
         with child:
-            self.process = subprocess.Popen(
-                [sys.executable, "-c", _BOOTSTRAP, str(child.fileno()), decoder, json.dumps(sys.path)],
-                pass_fds=[child.fileno()], stdin=subprocess.DEVNULL)
+            self.process = start_child("capguard.server.decode:worker_entry", [str(child.fileno()), decoder],
+                                       pass_fds=[child.fileno()])
         self.conn = Connection(parent.detach())
         self.ready = False
 

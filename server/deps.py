@@ -1,134 +1,33 @@
-"""What lives on ``app.state`` and the small dependencies that hand it to routes.
+"""The small FastAPI dependencies that hand the app's state to routes and guard the admin routes.
 
-``AppState`` is built once in the app's lifespan. ``Checkpoints`` knows which checkpoint
-directories may be served, loads them on first use (on one loader thread, sharing a
-ComponentCache, so epochs of one run share their encoder and LLM) and which one is active.
+``AppState`` itself is built in server/state.py (``init_state``); the checkpoint registry is
+server/checkpoints.py.
 
-Checkpoint names are paths under checkpoints_root ("demo", "runs/epoch-3"): 1-2 components of
-[A-Za-z0-9._-], none starting with a dot, resolving (symlinks followed) inside the root, with a
-capguard.json. Anything else is 404, so a name can never reach outside the root.
+Admin routes (activate a checkpoint, start or cancel an evaluation) need ``Authorization: Bearer
+<admin_token>`` when a token is set. Without one they are open only on a loopback bind (127.0.0.1, ::1,
+localhost: the developer's own machine); on any other bind (``--host 0.0.0.0``, the Docker image)
+they answer 403 admin_token_required, so a server reachable from a network is never open by accident.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hmac
-import logging
-import re
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, Request
 from pydantic import SecretStr
 
-from capguard.models.config import MANIFEST_NAME, CheckpointError
-from capguard.models.stack import CaptionStack, ComponentCache, compile_llm, load_stack
-from capguard.models.video import VideoLimits
-from capguard.server.batcher import Batcher
-from capguard.server.decode import DecodePool
-from capguard.server.errors import ApiError
-from capguard.server.guard import GuardRegistry
-from capguard.server.metrics import Metrics
-from capguard.server.settings import Settings
-from capguard.server.storage import CaptionLog
+from capguard.server.errors import ApiError, unavailable
+from capguard.server.state import AppState
 
-log = logging.getLogger(__name__)
-
-CHECKPOINT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}(/[A-Za-z0-9_-][A-Za-z0-9._-]{0,99})?")
-
-
-class Checkpoints:
-    def __init__(self, root: Path, default: str, device: str,
-                 on_load: Callable[[str, CaptionStack], None] = lambda name, stack: None, compile: bool = False):
-        self.root = Path(root).resolve()
-        self.default = default
-        self.active = default
-        self.history = [default]          # activations, oldest first: where collapse_policy=fallback looks
-        self.device = device
-        self.on_load = on_load            # runs on the loader thread after a load (guard restore, gauges)
-        self.compile = compile            # capguard.models.stack.compile_llm on each load (settings.compile)
-        self.cache = ComponentCache()
-        self._stacks: dict[str, CaptionStack] = {}
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capguard-load")
-
-    def path(self, name: str) -> Path:
-        """The directory of checkpoint `name`; ApiError 404 for anything that is not a servable checkpoint."""
-        if CHECKPOINT_NAME.fullmatch(name):
-            path = (self.root / name).resolve()
-            if path.is_relative_to(self.root) and (path / MANIFEST_NAME).is_file():
-                return path
-        raise ApiError(404, "unknown_checkpoint", f"no checkpoint named {name!r}; GET /checkpoints lists them")
-
-    def names(self) -> list[str]:
-        """Servable checkpoint names, sorted: dirs with a capguard.json one or two levels under the root."""
-        found = [*self.root.glob(f"*/{MANIFEST_NAME}"), *self.root.glob(f"*/*/{MANIFEST_NAME}")]
-        names = set()
-        for manifest in found:
-            name = manifest.parent.relative_to(self.root).as_posix()
-            try:
-                self.path(name)
-            except ApiError:
-                continue   # hidden dirs, odd characters, symlinks out of the root
-            names.add(name)
-        return sorted(names | set(self._stacks))
-
-    def loaded(self, name: str) -> CaptionStack | None:
-        return self._stacks.get(name)
-
-    def load_blocking(self, name: str) -> CaptionStack:
-        """Load `name` unless loaded (call on the loader thread). ApiError 404 / 422 (broken checkpoint)."""
-        if name in self._stacks:
-            return self._stacks[name]
-        path = self.path(name)
-        try:
-            stack = load_stack(path, device=self.device, cache=self.cache, name=name)
-            if self.compile:
-                compile_llm(stack)
-        except (CheckpointError, OSError) as exc:
-            log.error("checkpoint %s failed to load: %s", name, exc)
-            raise ApiError(422, "checkpoint_error", f"checkpoint {name!r} cannot be loaded: {exc}") from exc
-        self.on_load(name, stack)
-        self._stacks[name] = stack
-        return stack
-
-    async def get(self, name: str) -> CaptionStack:
-        """The loaded stack of `name`, loading it on first use (requests for it wait for the one load)."""
-        stack = self._stacks.get(name)
-        if stack is not None:
-            return stack
-        self.path(name)   # 404 at once, without queueing behind a load
-        return await asyncio.get_running_loop().run_in_executor(self._loader, self.load_blocking, name)
-
-    async def activate(self, name: str) -> CaptionStack:
-        stack = await self.get(name)
-        if name != self.active:
-            log.info("active checkpoint: %s -> %s", self.active, name)
-            self.active = name
-            self.history = [n for n in self.history if n != name] + [name]
-        return stack
-
-    def close(self) -> None:
-        self._loader.shutdown(wait=False, cancel_futures=True)
-
-
-@dataclass
-class AppState:
-    settings: Settings
-    metrics: Metrics
-    storage: CaptionLog      # the caption log (SQLite)
-    guards: GuardRegistry    # one rolling-window guard per checkpoint
-    checkpoints: Checkpoints
-    decoder: DecodePool      # decoder processes
-    batcher: Batcher         # the model thread
-    limits: VideoLimits      # what an upload may be, from settings
-    preparing: int = 0       # /caption requests uploading or decoding: the batcher waits for them (event loop only)
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")   # binds that only this machine reaches
 
 
 def get_state(request: Request) -> AppState:
-    return request.app.state.capguard
+    state = getattr(request.app.state, "capguard", None)
+    if state is None:   # an app whose lifespan has not run (a TestClient used without `with`)
+        raise unavailable("not_ready", "the server is still starting", 5)
+    return state
 
 
 State = Annotated[AppState, Depends(get_state)]
@@ -147,7 +46,13 @@ def _check_token(request: Request, token: SecretStr | None, what: str) -> None:
 
 
 def require_admin(request: Request, state: State) -> None:
-    _check_token(request, state.settings.admin_token, "this admin action")
+    settings = state.settings
+    if settings.admin_token is None and settings.host not in LOOPBACK_HOSTS:
+        raise ApiError(403, "admin_token_required",
+                       f"admin actions are disabled: the server listens on {settings.host!r}, not only on this "
+                       "machine, and has no admin token; set CAPGUARD_ADMIN_TOKEN and send 'Authorization: "
+                       "Bearer <token>' (or bind to 127.0.0.1)")
+    _check_token(request, settings.admin_token, "this admin action")
 
 
 def require_metrics_token(request: Request, state: State) -> None:

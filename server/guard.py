@@ -2,7 +2,7 @@
 
 Every caption the server writes is ``observe``d by its checkpoint's ``Guard``. The guard keeps the captions
 of the last ``window`` *distinct* videos, and once it holds ``min_captions`` of them it says ``ok`` or
-``collapsed`` by the rules of DESIGN.md (``capguard.models.diversity.tripped_rules``): exact unique ratio, near-duplicate
+``collapsed`` by the rules of DESIGN.md (``capguard.models.rules.tripped_rules``): exact unique ratio, near-duplicate
 unique ratio, top mode share, and grounding R@1 (caption -> own video among the window's videos, on the
 scorer's embeddings). All figures come from ``capguard.models.diversity``; nothing here re-implements a metric.
 
@@ -33,24 +33,15 @@ Policies (each one a decision; the tests pin them):
 - Restart: ``restore(rows)`` rebuilds the window and the verdict; it equals observing the rows on a fresh
   guard (tested), and costs at most a few full recomputes, however many rows come in (see ``restore``).
 
-Measured cost (``bench/bench_guard.py``, 2026-11-27; 2-core dev CPU, 64-dim embeddings, every caption distinct,
-which is the expensive case for clustering; a collapsed window is cheaper):
-
-    window   recompute_every   full recompute   observe mean   observe p50 / p99    restore(window rows)
-    100      1 (auto)          ~0.5 ms          ~0.47 ms       0.46 ms / 0.61 ms    ~10 ms
-    1,000    100 (auto)        ~20 ms           ~0.22 ms       18 us / 0.29 ms      ~0.12 s
-    10,000   10,000 (auto)     ~1.7 s           ~0.20 ms       21 us / 40 us        ~1.7 s
-
-Windows up to 2,048 keep a ``SimilarityCache`` (the caption pairs' similarities) between recomputes, so a
-recompute scores only the captions that entered since the last one; at window 100 that made the full
-recompute 6x cheaper (3.1 ms -> 0.5 ms: 1.1 % of a demo-stack request with the metric updates,
-bench/bench_metrics.py), which is what keeps a verdict on fresh figures affordable on every caption.
-Larger windows cluster afresh, quadratic in the number of distinct captions (seconds at 10,000), so the
-auto policy ``recompute_every = ceil((window / 100) ** 2)`` keeps the amortized cost at or below the
-window-100 figure at any size. The price at large windows is staleness of the near-duplicate and grounding
-figures (at 10,000 they refresh once per window turnover) and one model-thread stall of a second or two
-per recompute; exact collapse is still caught live. Pick a smaller ``recompute_every`` when fresher
-near-duplicate figures are worth more than that.
+Cost: windows up to 2,048 keep a ``SimilarityCache`` (the caption pairs' similarities) between recomputes,
+so a recompute scores only the captions that entered since the last one, which is what keeps a verdict on
+fresh figures affordable on every caption at the default window. Larger windows cluster afresh, quadratic
+in the number of distinct captions, so the auto policy ``recompute_every = ceil((window / 100) ** 2)``
+keeps the amortized cost at or below the window-100 figure at any size. The price at large windows is
+staleness of the near-duplicate and grounding figures (at 10,000 they refresh once per window turnover)
+and one model-thread stall per recompute; exact collapse is still caught live. Pick a smaller
+``recompute_every`` when fresher near-duplicate figures are worth more than that. Measured figures per
+window size: bench/RESULTS.md, "Guard and metrics overhead" (``bench/bench_guard.py``).
 
 Thread safety: ``observe``, ``restore`` and ``reset`` hold the guard's lock; ``state()`` reads the last
 published ``GuardState`` without it, so a /metrics scrape never waits on a recompute. A published state is
@@ -71,13 +62,21 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from capguard.models.diversity import (
-    RULES,
     DiversityReport,
-    GuardThresholds,
     SimilarityCache,
     caption_key,
     diversity_report,
     grounding,
+)
+from capguard.models.jsonable import jsonable
+from capguard.models.rules import (
+    CLEAR_AFTER,
+    MIN_CAPTIONS,
+    RULES,
+    THRESHOLD_NAMES,
+    WINDOW,
+    GuardThresholds,
+    check_threshold_names,
     tripped_rules,
 )
 
@@ -92,10 +91,10 @@ _blas: ThreadpoolController | None = None  # numpy's BLAS pools, found on first 
 def _one_blas_thread():
     """Context manager: numpy's BLAS on one thread while grounding runs.
 
-    The guard runs on the model thread, next to torch's pool and the decoder processes. On the busy 2-core
-    dev box, OpenBLAS's own 2 threads made grounding's (100, 64) x (64, 100) product take 16-30 ms instead
-    of 0.1 ms (threads spinning for a core), and one thread is faster even at a 10,000 window (0.33 s vs
-    0.55 s). threadpoolctl sets the pool size for the block and restores it after (~25 us).
+    The guard runs on the model thread, next to torch's pool and the decoder processes. On a busy 2-core
+    box, OpenBLAS's own 2 threads spin for a core and made grounding's (100, 64) x (64, 100) product over
+    100x slower; one thread is faster even at a 10,000 window (bench/RESULTS.md). threadpoolctl sets the
+    pool size for the block and restores it after.
     """
     global _blas
     if _blas is None:
@@ -105,18 +104,15 @@ def _one_blas_thread():
 
 @dataclass
 class GuardSettings:
-    """How a guard windows, judges and paces itself (DESIGN.md defaults)."""
+    """How a guard windows, judges and paces itself (defaults and their reasons: capguard.models.rules)."""
 
-    window: int = 100        # distinct videos judged together; the field report judged 97
-    min_captions: int = 30   # no verdict below this: 3 repeats among 10 captions is noise, not collapse
-    thresholds: GuardThresholds = field(default_factory=GuardThresholds)  # the rules, from models/diversity.py
+    window: int = WINDOW              # distinct videos judged together
+    min_captions: int = MIN_CAPTIONS  # no verdict below this many
+    thresholds: GuardThresholds = field(default_factory=GuardThresholds)  # the rules, from models/rules.py
     # Full metrics every k observations; None = auto, ceil((window / 100) ** 2): 1 at the default window
     # (~0.5 ms each), 100 at 1,000, 10,000 at 10,000. The exact-unique rule is live either way.
     recompute_every: int | None = None
-    # Hysteresis: a tripped rule clears after passing this many consecutive evaluations (observations after
-    # warm-up). 10 = a tenth of the default window: long enough that a ratio hovering on its line does not
-    # flap the status, short enough that a fixed checkpoint is cleared soon after its window turns healthy.
-    clear_after: int = 10
+    clear_after: int = CLEAR_AFTER    # hysteresis: consecutive passing evaluations before a tripped rule clears
     top_modes: int = 5       # modes (representative captions) kept in the state for the API and the logs
 
     def __post_init__(self) -> None:
@@ -146,7 +142,7 @@ class GuardSettings:
         thresholds=GuardThresholds(min_unique_ratio=0.4)). An unknown key raises, naming it.
         """
         own = {f.name for f in fields(cls)} - {"thresholds"}
-        rule_names = {f.name for f in fields(GuardThresholds)}
+        rule_names = set(THRESHOLD_NAMES)
         unknown = set(options) - own - rule_names
         if unknown:
             raise ValueError(f"unknown guard option(s) {sorted(unknown)}; known: {sorted(own | rule_names)}")
@@ -177,27 +173,7 @@ class GuardState:
 
     def to_dict(self) -> dict:
         """JSON-able dict: plain Python types, nan/inf as None (JSON has no nan)."""
-        return _jsonable(asdict(self))
-
-
-def _jsonable(value):
-    """Example: {"a": np.float32(0.5), "b": [float("nan")]} -> {"a": 0.5, "b": [None]}."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    return value
-
-
-def _ratio(value: float | None) -> float | None:
-    """A figure for GuardState: a Python float, or None when missing or nan."""
-    return None if value is None or not math.isfinite(value) else float(value)
+        return jsonable(asdict(self))
 
 
 @dataclass(slots=True)
@@ -277,11 +253,6 @@ class Guard:
             log("guard %s: restored %d rows -> %s %s (%d videos in the window)", self.checkpoint, len(prepared),
                 self._state.status, self._state.tripped or "", len(self._rows))
             return self._state
-
-    def reset(self) -> None:
-        """Forget the window and the verdict (e.g. the checkpoint's weights were replaced)."""
-        with self._lock:
-            self._reset_locked()
 
     # ------------------------------------------------------------------ window bookkeeping (lock held)
 
@@ -445,12 +416,12 @@ class Guard:
             status=self._status(),
             window_captions=n,
             unique_ratio=len(self._key_counts) / n if n else None,
-            near_unique_ratio=_ratio(report.near_unique_ratio) if report else None,
-            top_mode_share=_ratio(report.top_mode_share) if report else None,
+            near_unique_ratio=jsonable(report.near_unique_ratio) if report else None,
+            top_mode_share=jsonable(report.top_mode_share) if report else None,
             repeat_probability=1.0 - self._singletons / n if n else None,
-            siglip_mean=_ratio(self._siglip_sum / self._siglip_rows) if self._siglip_rows else None,
-            grounding_r1=_ratio(report.grounding_r1) if report else None,
-            grounding_margin=_ratio(report.grounding_margin) if report else None,
+            siglip_mean=jsonable(self._siglip_sum / self._siglip_rows) if self._siglip_rows else None,
+            grounding_r1=jsonable(report.grounding_r1) if report else None,
+            grounding_margin=jsonable(report.grounding_margin) if report else None,
             tripped=[rule for rule in RULES if rule in self._tripped],
             newly_tripped=newly,
             modes=[{"representative": m.representative, "count": m.count, "share": float(m.share),
@@ -482,19 +453,11 @@ class GuardRegistry:
 
         Example: configure("demo", {"near_dup_threshold": 0.98}) -> Guard with thresholds.near_dup_threshold 0.98.
         """
-        known = {f.name for f in fields(GuardThresholds)}
-        unknown = set(thresholds) - known
-        if unknown:
-            raise ValueError(f"unknown guard threshold(s) {sorted(unknown)}; known: {sorted(known)}")
+        check_threshold_names(thresholds)
         settings = replace(self.settings, thresholds=replace(self.settings.thresholds, **thresholds))
         with self._lock:
             guard = self._guards[checkpoint] = Guard(checkpoint, settings)
             return guard
-
-    def all(self) -> dict[str, Guard]:
-        """A copy of checkpoint name -> Guard."""
-        with self._lock:
-            return dict(self._guards)
 
 
 __all__ = ["STATUSES", "Guard", "GuardRegistry", "GuardSettings", "GuardState"]

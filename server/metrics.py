@@ -94,7 +94,7 @@ class Metrics:
 
     def checkpoint_loaded(self, checkpoint: str) -> None:
         """Create a loaded checkpoint's counter series at 0, so rates and alerts see them from the start."""
-        from capguard.models.diversity import RULES
+        from capguard.models.rules import RULES
 
         self.captions.labels(checkpoint)
         self.tokens.labels(checkpoint)

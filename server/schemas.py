@@ -55,6 +55,39 @@ class Timings(BaseModel):
     total: float
 
 
+class GuardMode(BaseModel):
+    """One cluster of near-identical captions in the window: "the model keeps saying this"."""
+
+    representative: str         # the cluster's most frequent original caption
+    count: int                  # captions in the cluster (with repeats)
+    share: float | None         # count / window captions, 0-1
+    variants: int               # distinct normalized captions in it: > 1 means near-duplicate collapse
+
+
+class GuardInfo(BaseModel):
+    """A checkpoint's guard verdict and the figures behind it (capguard.server.guard.GuardState.to_dict()).
+
+    Ratios are 0-1; a figure is null when the window cannot give it (empty, no scorer, not yet computed).
+    """
+
+    checkpoint: str
+    status: Literal["warming_up", "ok", "collapsed"]
+    window_captions: int                # distinct videos in the window
+    unique_ratio: float | None          # exact distinct captions / captions
+    near_unique_ratio: float | None     # near-duplicate clusters / captions
+    top_mode_share: float | None        # share of the largest cluster
+    repeat_probability: float | None    # Good-Turing chance the next caption repeats one in the window
+    siglip_mean: float | None           # mean scorer probability over the window
+    grounding_r1: float | None          # caption -> own video R@1 in the window
+    grounding_margin: float | None      # own-video similarity minus the best other video's
+    tripped: list[str]                  # rules tripped now (held until they pass clear_after times)
+    newly_tripped: list[str]            # rules that tripped on this observation
+    modes: list[GuardMode]              # top clusters, largest first
+    thresholds: dict[str, int | float | None]   # the rules in force, so a response explains itself
+    metrics_age: int                    # observations since the clustering figures were computed
+    clears_in: dict[str, int]           # tripped rule now passing -> passing evaluations still needed
+
+
 class CaptionResponse(BaseModel):
     caption: str
     checkpoint: str             # the checkpoint that wrote it (the fallback one under collapse_policy=fallback)
@@ -62,7 +95,7 @@ class CaptionResponse(BaseModel):
     video_sha256: str
     frames: FramesInfo
     scores: Scores
-    guard: dict[str, Any]       # capguard.server.guard GuardState.to_dict(): status, window figures, tripped rules
+    guard: GuardInfo            # the checkpoint's guard right after this caption was observed
     timings_ms: Timings
 
 

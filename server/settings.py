@@ -16,6 +16,9 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from capguard.models import rules
+from capguard.models.rules import GuardThresholds
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -84,11 +87,14 @@ class Settings(BaseSettings):
     loop: Literal["auto", "asyncio", "uvloop"] = "auto"
 
     # --- access
-    admin_token: SecretStr | None = None     # Bearer token for admin routes; None leaves them open (bind locally!)
+    # the address `capguard serve` binds; on any but a loopback one (127.0.0.1, ::1, localhost) admin routes
+    # need admin_token: without one they answer 403 (server/deps.py), so a server on a network is never open
+    host: str = "127.0.0.1"
+    admin_token: SecretStr | None = None     # Bearer token for admin routes; None: open on a loopback host only
     metrics_token: SecretStr | None = None   # Bearer token for /metrics; None: open
     cors_origins: list[str] = []             # CORS is off unless origins are listed (JSON list in the env var)
 
-    # --- evaluation jobs (server/evaluations.py: one at a time, each in its own process)
+    # --- evaluation jobs (server/evaluations/: one at a time, each in its own process)
     datasets_root: Path = REPO_ROOT / "samples"        # POST /evaluations names data sets relative to this dir
     evaluation_max_checkpoints: int = Field(16, ge=1)  # checkpoints per job (each one is a full pass)
     evaluation_max_videos: int = Field(2000, ge=1)     # videos per job after `limit`
@@ -98,15 +104,15 @@ class Settings(BaseSettings):
     evaluation_timeout_s: float = Field(6 * 3600, gt=0)   # a job running longer is killed and failed
     evaluation_keep: int = Field(200, ge=1)            # finished jobs kept (rows and report files); older ones go
 
-    # --- guard (passed to capguard.server.guard.GuardSettings; DESIGN.md defaults)
-    guard_window: int = Field(100, ge=1)               # captions of distinct videos in the rolling window
-    guard_min_captions: int = Field(30, ge=1)          # no verdict before this many
-    guard_min_unique_ratio: float = Field(0.5, ge=0, le=1)
-    guard_min_near_unique_ratio: float = Field(0.5, ge=0, le=1)
-    guard_max_top_mode_share: float = Field(0.2, ge=0, le=1)
-    guard_min_grounding_r1: float = Field(0.1, ge=0, le=1)
-    guard_near_dup_threshold: float = Field(0.9, gt=0, le=1)
-    guard_clear_after: int = Field(10, ge=1)           # passing evaluations before a tripped rule clears
+    # --- guard (passed to capguard.server.guard.GuardSettings; defaults and their reasons: capguard.models.rules)
+    guard_window: int = Field(rules.WINDOW, ge=1)               # captions of distinct videos in the rolling window
+    guard_min_captions: int = Field(rules.MIN_CAPTIONS, ge=1)   # no verdict before this many
+    guard_min_unique_ratio: float = Field(GuardThresholds.min_unique_ratio, ge=0, le=1)
+    guard_min_near_unique_ratio: float = Field(GuardThresholds.min_near_unique_ratio, ge=0, le=1)
+    guard_max_top_mode_share: float = Field(GuardThresholds.max_top_mode_share, ge=0, le=1)
+    guard_min_grounding_r1: float = Field(GuardThresholds.min_grounding_r1, ge=0, le=1)
+    guard_near_dup_threshold: float = Field(rules.NEAR_DUP_THRESHOLD, gt=0, le=1)
+    guard_clear_after: int = Field(rules.CLEAR_AFTER, ge=1)     # passing evaluations before a tripped rule clears
     guard_recompute_every: int | None = Field(None, ge=1)   # None: the guard's auto pacing
     # what a collapsed checkpoint does: "flag" serves and says so, "reject" answers 503,
     # "fallback" serves from the most recently active checkpoint that is not collapsed

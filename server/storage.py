@@ -1,8 +1,8 @@
 """The caption log: every served caption, appended to SQLite before its answer leaves the server.
 
-WAL journal + synchronous=NORMAL: a committed transaction survives the process being killed
-(kill -9; the WAL is in the OS's hands), though not a power cut. Writes come from the model thread
-once per batch; one connection shared under a lock keeps them serialized.
+A WAL database (server/db.py): a committed transaction survives the process being killed (kill -9),
+though not a power cut. Writes come from the model thread once per batch; one connection shared under
+a lock keeps them serialized.
 
 The log restores the guard window on start (``recent``) and is what an operator audits later.
 """
@@ -10,13 +10,14 @@ The log restores the guard window on start (``recent``) and is what an operator 
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from capguard.server.db import connect, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS captions (
@@ -61,27 +62,17 @@ def _vector(blob: bytes | None) -> np.ndarray | None:
 class CaptionLog:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.executescript(SCHEMA)
+        self._conn = connect(self.path, SCHEMA)
 
     def append(self, records: list[CaptionRecord]) -> None:
         """Write `records` in one transaction; returns once they are committed."""
         rows = [(r.created_at, r.checkpoint, r.fingerprint, r.video_sha256, r.caption, r.num_tokens, r.siglip,
                  _blob(r.text_emb), _blob(r.video_emb), json.dumps(r.timings_ms)) for r in records]
-        with self._lock:
-            self._conn.execute("BEGIN")
-            try:
-                self._conn.executemany(
-                    "INSERT INTO captions (created_at, checkpoint, fingerprint, video_sha256, caption, num_tokens,"
-                    " siglip, text_emb, video_emb, timings) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+        with self._lock, transaction(self._conn):
+            self._conn.executemany(
+                "INSERT INTO captions (created_at, checkpoint, fingerprint, video_sha256, caption, num_tokens,"
+                " siglip, text_emb, video_emb, timings) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     def recent(self, checkpoint: str, limit: int, fingerprint: str | None = None) -> list[dict]:
         """The newest caption of each of the `limit` most recently captioned videos, oldest first.

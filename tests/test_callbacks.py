@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from capguard.callbacks import DiversityCallback
 from capguard.models.captions_file import read_captions_file
-from capguard.models.evaluate_captions import evaluate_captions
+from capguard.models.evaluate.captions import evaluate_captions
 
 WORDS = (("낮", "밤", "해질녘", "새벽"), ("빨간", "회색", "베이지색", "파란"), ("2층", "5층", "9층", "14층"),
          ("평지붕", "기와지붕", "돔지붕", "박공지붕"))
@@ -85,7 +85,8 @@ def training_set(collapsing: bool) -> Rows:
 
 def test_probe_references_are_healthy():
     """The premise: the true captions of the probe set pass every guard rule."""
-    from capguard.models.diversity import GuardThresholds, diversity_report, tripped_rules
+    from capguard.models.diversity import diversity_report
+    from capguard.models.rules import GuardThresholds, tripped_rules
 
     assert tripped_rules(diversity_report(REFERENCES), GuardThresholds()) == []
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from capguard.models.captions_file import CaptionsFileError, parse_captions, read_captions_file
-from capguard.models.evaluate_captions import evaluate_captions
+from capguard.models.evaluate.captions import evaluate_captions
 from capguard.server.cli import main
 
 REPO = Path(__file__).resolve().parent.parent

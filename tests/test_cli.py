@@ -7,7 +7,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 from videomaker import make_video
+
+from capguard.server.cli import build_parser, main
 
 CLI = [sys.executable, "-m", "capguard.server.cli"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -43,3 +46,27 @@ def test_bad_checkpoint_is_one_clear_line(tmp_path):
     result = run("caption", "x.mp4", "--checkpoint", str(tmp_path))
     assert result.returncode == 2
     assert "capguard.json is missing" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["caption", "x.mp4", "--num-frames", "0"], "--num-frames"),
+    (["caption", "x.mp4", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["caption", "x.mp4", "--batch-size", "-1"], "--batch-size"),
+    (["evaluate", "--checkpoints", "a", "--videos", "v", "--out", "o", "--num-frames", "0"], "--num-frames"),
+    (["evaluate", "--checkpoints", "a", "--videos", "v", "--out", "o", "--max-new-tokens", "zero"], "--max-new-tokens"),
+    (["train", "--data", "d", "--out", "o", "--threads", "0"], "--threads"),
+    (["make-videos", "--out", "o", "--val", "-3"], "--val"),
+])
+def test_out_of_range_numbers_are_a_usage_error(argv, flag, capsys):
+    """0 used to be replaced by the checkpoint's default through ``args.num_frames or ...``: now exit code 2."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and ("at least" in err or "not a number" in err), err
+
+
+def test_explicit_numbers_reach_the_command():
+    args = build_parser().parse_args(["caption", "x.mp4", "--num-frames", "1", "--max-new-tokens", "1"])
+    assert (args.num_frames, args.max_new_tokens) == (1, 1)
+    assert build_parser().parse_args(["caption", "x.mp4"]).num_frames is None   # None: the checkpoint's own

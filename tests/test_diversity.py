@@ -19,7 +19,6 @@ from rapidfuzz.distance import Indel
 from capguard.models import diversity as div
 from capguard.models.diversity import (
     DiversityReport,
-    GuardThresholds,
     Mode,
     caption_key,
     cluster_near_duplicates,
@@ -31,9 +30,10 @@ from capguard.models.diversity import (
     repeat_probability,
     self_bleu,
     top_mode_share,
-    tripped_rules,
     unique_ratio,
 )
+from capguard.models.jsonable import jsonable
+from capguard.models.rules import RULES, GuardThresholds, check_threshold_names, tripped_rules
 
 logger = logging.getLogger(__name__)
 
@@ -515,7 +515,7 @@ def test_tripped_rules(figures, expected):
 
 def test_tripped_rules_follow_the_thresholds():
     assert tripped_rules(_report(), GuardThresholds(min_unique_ratio=0.9)) == ["unique_ratio"]
-    assert set(div.RULES) == {"unique_ratio", "near_unique_ratio", "top_mode_share", "grounding_r1"}
+    assert set(RULES) == {"unique_ratio", "near_unique_ratio", "top_mode_share", "grounding_r1"}
 
 
 def test_field_report_epoch_4_trips_every_text_rule():
@@ -534,6 +534,17 @@ def test_guard_threshold_defaults_and_validation():
         GuardThresholds(min_unique_ratio=50)
     with pytest.raises(ValueError, match="threshold"):
         GuardThresholds(near_dup_threshold=0)
+    check_threshold_names(["min_unique_ratio", "near_dup_threshold"])
+    with pytest.raises(ValueError, match=r"unknown guard threshold\(s\) \['near_dup'\]"):
+        check_threshold_names(["near_dup", "min_unique_ratio"])
+
+
+def test_jsonable_turns_nan_and_numpy_into_json():
+    value = {"a": np.float32(0.5), "b": (float("nan"), np.int64(3), float("inf")), 1: np.bool_(True), "c": None}
+    out = jsonable(value)
+    assert out == {"a": 0.5, "b": [None, 3, None], "1": True, "c": None}
+    assert type(out["a"]) is float and type(out["b"][1]) is int and type(out["1"]) is bool
+    json.dumps(out, allow_nan=False)
 
 
 def test_importing_diversity_loads_no_web_stack():

@@ -274,7 +274,7 @@ def test_load_dataset(manifest, tmp_path):
 
 def test_evaluate_writes_one_report(stacks, manifest, tmp_path, monkeypatch):
     import capguard.models.stack
-    from capguard.models.evaluate import _sample
+    from capguard.models.evaluate.runner import _sample
 
     llm_loads, decodes, progress = [], [], []
     real_load_llm = capguard.models.stack.load_llm

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,8 +21,9 @@ from test_server_hooks import HANG
 from test_ui import browser  # noqa: F401 - the headless Chromium fixture
 
 from capguard.server.app import create_app
+from capguard.server.childproc import describe_exit
 from capguard.server.errors import ApiError
-from capguard.server.evaluations import MAX_ATTEMPTS, JobSpec, JobStore, describe_exit, job_dir, valid_job_id
+from capguard.server.evaluations import MAX_ATTEMPTS, JobSpec, JobStore, job_dir, valid_job_id
 from capguard.server.routes.evaluations import dataset_path
 from capguard.server.settings import REPO_ROOT
 
@@ -155,9 +158,43 @@ def test_store_lifecycle_recovery_and_pruning(tmp_path):
     store.close()
 
 
+class _FailAfterUpdate:
+    """A connection that runs every statement, then raises right after the claim's UPDATE: an error
+    (or a KeyboardInterrupt) that lands inside claim_next's transaction after it wrote."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def execute(self, sql, *args):
+        cursor = self.conn.execute(sql, *args)
+        if sql.startswith("UPDATE evaluation_jobs SET status = 'running'"):
+            raise KeyboardInterrupt
+        return cursor
+
+
+def test_a_failed_claim_is_rolled_back(tmp_path):
+    store = JobStore(tmp_path / "evaluations.db")
+    job = store.create(JobSpec(checkpoints=[["demo", "/x/demo"]], dataset="val", datasets_root="/x"), total=1)
+    conn, store._conn = store._conn, _FailAfterUpdate(store._conn)
+    with pytest.raises(KeyboardInterrupt):
+        store.claim_next()
+    store._conn = conn
+    assert not conn.in_transaction   # the write lock is released: the job process can still write
+    assert (store.get(job.id).status, store.get(job.id).attempts) == ("queued", 0)   # not half-claimed
+    assert store.claim_next().id == job.id
+    store.close()
+
+
 def test_exit_codes_in_words():
     assert describe_exit(-9) == "killed by SIGKILL" and describe_exit(-11) == "killed by SIGSEGV"
     assert describe_exit(1) == "exited with status 1"
+
+
+def test_the_job_process_runs_as_a_module(tmp_path):
+    """``python -m capguard.server.evaluations run JOB_DIR``: a directory that holds no job is refused, by name."""
+    run = subprocess.run([sys.executable, "-m", "capguard.server.evaluations", "run", str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and "job.json" in run.stderr, run.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------------------- validation

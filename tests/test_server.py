@@ -14,7 +14,7 @@ from test_server_hooks import ABORT, HANG, OVERSIZE, SEGFAULT
 
 from capguard.models.video import sample_indices
 from capguard.server.app import create_app
-from capguard.server.deps import Checkpoints
+from capguard.server.checkpoints import Checkpoints
 from capguard.server.errors import ApiError
 
 ADMIN, METRICS = "admin-secret", "metrics-secret"
@@ -89,6 +89,10 @@ def test_caption_answers_with_every_field(client, video_files, tmp_dir_empty):
     assert body["frames"]["timestamps_s"] == pytest.approx([i / 24 for i in sample_indices(18, 8)], abs=1e-3)
     assert 0.0 <= body["scores"]["siglip"] <= 1.0
     assert body["guard"]["status"] == "warming_up" and body["guard"]["window_captions"] >= 1
+    # the typed guard payload keeps exactly the keys (and order) of GuardState.to_dict()
+    live = client.app.state.capguard.guards.get("demo").state().to_dict()
+    assert list(body["guard"]) == list(live)
+    assert client.get("/checkpoints/demo/guard").json().keys() == live.keys()
     timings = body["timings_ms"]
     assert set(timings) == {"decode", "encode", "generate", "score", "total"}
     assert all(v >= 0 for v in timings.values()) and timings["total"] >= timings["decode"]
@@ -262,6 +266,30 @@ def test_activate_needs_the_admin_token(client, headers):
     error = error_of(client.post("/checkpoints/runs/epoch-1/activate", headers=headers), 401)
     assert error["code"] == "unauthorized"
     assert client.get("/readyz").json()["checkpoint"] == "demo"
+
+
+def test_guard_payload_is_a_schema_in_openapi(client):
+    spec = client.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    assert schemas["CaptionResponse"]["properties"]["guard"] == {"$ref": "#/components/schemas/GuardInfo"}
+    assert {"status", "window_captions", "unique_ratio", "tripped", "modes", "thresholds"} <= set(
+        schemas["GuardInfo"]["properties"])
+    guard_route = spec["paths"]["/checkpoints/{name}/guard"]["get"]["responses"]["200"]
+    assert guard_route["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/GuardInfo"}
+
+
+def test_admin_routes_need_a_token_on_a_network_bind(server_settings):
+    """No CAPGUARD_ADMIN_TOKEN: admin routes answer 403 on 0.0.0.0 and stay open on a loopback bind."""
+    settings = server_settings(host="0.0.0.0")
+    with TestClient(create_app(settings)) as client:
+        for method, path, body in [("post", "/checkpoints/demo/activate", None),
+                                   ("post", "/evaluations", {"checkpoints": ["demo"], "dataset": "val"}),
+                                   ("post", f"/evaluations/{'0' * 32}/cancel", None)]:
+            error = error_of(client.request(method.upper(), path, json=body), 403)
+            assert error["code"] == "admin_token_required" and "CAPGUARD_ADMIN_TOKEN" in error["message"]
+        assert client.get("/checkpoints").status_code == 200   # reading stays open
+        settings.host = "127.0.0.1"
+        assert client.post("/checkpoints/demo/activate").status_code == 200
 
 
 def test_activate_switches_the_default_checkpoint(client, video_files):

@@ -30,7 +30,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import capguard.server.deps
 import capguard.server.routes.upload as upload
-from capguard.server.app import STALE_UPLOAD_S, _remove_stale_uploads, create_app
+from capguard.server.app import create_app
+from capguard.server.state import STALE_UPLOAD_S, remove_stale_uploads
 
 REPO = Path(__file__).resolve().parent.parent
 ADMIN, METRICS = "stress-test-admin", "stress-test-metrics"
@@ -379,7 +380,7 @@ def test_restart_removes_the_uploads_a_killed_server_left(tmp_path):
             (tmp_path / name).write_bytes(b"partial upload")
         old = time.time() - STALE_UPLOAD_S - 60
         os.utime(tmp_path / "upload-oldlegacy.video", (old, old))
-        _remove_stale_uploads(tmp_path)
+        remove_stale_uploads(tmp_path)
         assert {p.name for p in tmp_path.iterdir()} == {name for name, kept in files.items() if kept}
     finally:
         live.kill()

@@ -28,6 +28,7 @@ from capguard.models.synth import (
     sample_attributes,
     write_video,
 )
+from capguard.models.synth import dataset as synth_dataset
 
 ALL = list(all_attributes())
 EXAMPLE = BuildingAttrs(colour="brown", floors=2, roof="tiled", time="sunset", motion="pan_right", trees=True, door="red")
@@ -57,7 +58,7 @@ def test_sample_attributes_is_deterministic_and_covers_values() -> None:
     rng = np.random.default_rng(0)
     many = [sample_attributes(rng) for _ in range(400)]
     for name in ATTRIBUTE_NAMES:
-        assert {getattr(a, name) for a in many} == set(synth._ALLOWED[name])
+        assert {getattr(a, name) for a in many} == set(synth.ALLOWED[name])
 
 
 def test_example_captions() -> None:
@@ -213,11 +214,11 @@ def test_make_dataset_writes_videos_and_manifests(tmp_path: Path) -> None:
 
 
 def test_splits_are_balanced_per_attribute() -> None:
-    train = synth._balanced_attributes(np.random.default_rng(0), 865)
-    val = synth._balanced_attributes(np.random.default_rng(1), 97)
+    train = synth_dataset._balanced_attributes(np.random.default_rng(0), 865)
+    val = synth_dataset._balanced_attributes(np.random.default_rng(1), 97)
     for name in ("colour", "floors", "roof", "time", "motion", "trees"):  # door is redrawn on clashes
         counts = Counter(getattr(a, name) for a in val)
-        assert set(counts) == set(synth._ALLOWED[name]) and max(counts.values()) - min(counts.values()) <= 1
+        assert set(counts) == set(synth.ALLOWED[name]) and max(counts.values()) - min(counts.values()) <= 1
     seen = {(name, getattr(a, name)) for a in train for name in ATTRIBUTE_NAMES}
     assert all((name, getattr(a, name)) in seen for a in val for name in ATTRIBUTE_NAMES)
     repeated = len({a for a in val} & set(train))

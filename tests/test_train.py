@@ -49,3 +49,31 @@ def test_loss_falls_and_every_epoch_is_a_loadable_checkpoint(toy_run):
         rows = read_captions_file(root / "out" / "toy" / f"captions-epoch-{h.epoch}.jsonl").rows
         assert len(rows) == 8 and all(r.video_path.is_file() and r.reference for r in rows)
         assert h.stopped is None   # stop_on_collapse not set: report only
+
+
+def test_training_pools_a_video_as_the_scorer_does():
+    """train.video_features (with autograd, on (N, T, ...) pixels) and Scorer.video_embeddings (flat frames)
+    share scorer.pool_frames: the same numbers, and the definition is the normalized mean of normalized frames."""
+    import torch
+    import torch.nn.functional as F
+
+    from capguard.models.scorer import pool_frames
+    from capguard.models.train import video_features
+
+    class Tower(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(12, 5)
+
+        def encode_image(self, x):                      # (F, 3, 2, 2) -> (F, 5)
+            return self.proj(x.flatten(1))
+
+    torch.manual_seed(0)
+    tower, pixels = Tower(), torch.randn(3, 4, 3, 2, 2)     # 3 videos of 4 frames
+    pooled = video_features(tower, pixels, batch=2)         # (3, 5), two batches
+    frames = tower.encode_image(pixels.flatten(0, 1))
+    reference = F.normalize(F.normalize(frames, dim=-1).view(3, 4, -1).mean(1), dim=-1)
+    torch.testing.assert_close(pooled, reference)
+    torch.testing.assert_close(pool_frames(frames, [4, 4, 4]), reference)
+    pooled.sum().backward()                                 # training needs the gradient
+    assert tower.proj.weight.grad is not None

@@ -1,4 +1,4 @@
-"""Frame sampling (models/video.py) on real encoded videos whose frames carry their own index.
+"""Frame sampling (the models/video/ package) on real encoded videos whose frames carry their own index.
 
 Every video here is written by tests/videomaker.py, which draws each frame's number into it, so a
 test can check that the frame a backend returns is the frame it claims (read_index == index).
@@ -15,7 +15,7 @@ import os
 import tracemalloc
 from concurrent.futures import ProcessPoolExecutor
 
-import av  # before anything that may load decord: see the models/video.py docstring
+import av  # before anything that may load decord: see the models/video/ package docstring
 import numpy as np
 import pytest
 from PIL import Image
@@ -30,6 +30,7 @@ from capguard.models.video import (
     VideoLimits,
     VideoTooLarge,
     probe,
+    pyav_backend,
     sample_frames,
     sample_indices,
     scaled_size,
@@ -194,7 +195,7 @@ def test_pyav_seeks_exactly_in_a_long_video(tmp_path, caplog, container):
 
 def test_in_order_decoding_is_exact_too(videos, monkeypatch):
     """The fallback path (containers without trusted pts) on a B-frame stream."""
-    monkeypatch.setattr(video, "_PTS_CONTAINERS", set())
+    monkeypatch.setattr(pyav_backend, "_PTS_CONTAINERS", set())
     _check_exact(sample_frames(videos["h264.mp4"], num_frames=8, backend="pyav"), 8)
 
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter
 
 from capguard.models.config import CheckpointConfig, CheckpointError
-from capguard.server.deps import Admin, AppState, State
+from capguard.server.deps import Admin, State
 from capguard.server.errors import ApiError
-from capguard.server.schemas import CheckpointInfo, CheckpointList, error_responses
+from capguard.server.schemas import CheckpointInfo, CheckpointList, GuardInfo, error_responses
+from capguard.server.state import AppState
 
 router = APIRouter(tags=["checkpoints"])
 
@@ -35,15 +34,15 @@ def list_checkpoints(state: State) -> CheckpointList:
     return CheckpointList(checkpoints=[describe(state, name) for name in state.checkpoints.names()])
 
 
-@router.get("/checkpoints/{name:path}/guard", response_model=dict[str, Any], responses=error_responses(404))
-def guard(name: str, state: State) -> dict[str, Any]:
+@router.get("/checkpoints/{name:path}/guard", response_model=GuardInfo, responses=error_responses(404))
+def guard(name: str, state: State) -> GuardInfo:
     """The live guard of a loaded checkpoint: GuardState.to_dict() (status, window figures, rules, modes)."""
     state.checkpoints.path(name)   # 404 unknown_checkpoint
     if state.checkpoints.loaded(name) is None:
         raise ApiError(404, "checkpoint_not_loaded", f"checkpoint {name!r} is not loaded, so it has no guard "
                                                      f"yet; it loads on its first caption or on "
                                                      f"POST /checkpoints/{name}/activate")
-    return state.guards.get(name).state().to_dict()
+    return GuardInfo.model_validate(state.guards.get(name).state().to_dict())
 
 
 @router.post("/checkpoints/{name:path}/activate", response_model=CheckpointInfo, dependencies=[Admin],

@@ -1,6 +1,6 @@
 """Evaluation jobs over HTTP: POST /evaluations (admin, 202), GET /evaluations[/{id}[/report.html]], cancel.
 
-The work itself is server/evaluations.py (a process per job, one at a time). Here: validating what a
+The work itself is server/evaluations/ (a process per job, one at a time). Here: validating what a
 request names before anything is queued. Checkpoints go through the same check as /caption's
 (``Checkpoints.path``: 404 unknown_checkpoint); the data set is a path relative to ``datasets_root`` that
 must stay inside it, symlinks followed (``dataset_path``), and so must every video its manifest lists.
@@ -14,7 +14,7 @@ import datetime as dt
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Response
 from fastapi.responses import FileResponse
 
 from capguard.models.evaluate import load_dataset
@@ -39,11 +39,8 @@ REPORT_HEADERS = {"Content-Security-Policy": f"{REPORT_CSP}; base-uri 'none'; fo
                   "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
 
 
-def get_manager(request: Request) -> EvaluationManager:
-    manager = getattr(request.app.state, "evaluations", None)
-    if manager is None:   # an app whose lifespan has not run
-        raise unavailable("not_ready", "evaluation jobs are not running yet", 5)
-    return manager
+def get_manager(state: State) -> EvaluationManager:
+    return state.evaluations
 
 
 Manager = Annotated[EvaluationManager, Depends(get_manager)]

@@ -31,11 +31,11 @@ from pathlib import Path
 import numpy as np
 
 from capguard.models.captions_file import CaptionsFile, atomic_write_text, read_captions_file
-from capguard.models.diversity import GuardThresholds
+from capguard.models.rules import GuardThresholds
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]   # models/evaluate/captions.py -> the repository
 SHIPPED_SCORER = REPO_ROOT / "checkpoints" / "shared" / "siglip"   # the demo scorer (checkpoints/README.md)
 FrameLoader = Callable[[Path, int, int], np.ndarray]   # (path, num_frames, max_side) -> (T, H, W, 3) uint8
 ProgressCallback = Callable[[int, int], None]           # (videos embedded so far, videos to embed)
