@@ -15,7 +15,7 @@ from capguard.server.cli import main
 REPO = Path(__file__).resolve().parent.parent
 VAL = REPO / "samples" / "val" / "val.jsonl"
 
-# The field report's C-Abstractor run (../shared/seed/mode-collapse-analysis.en.md): unique captions of 97 per
+# The field report's C-Abstractor run (docs/field-report.en.md): unique captions of 97 per
 # epoch, and run E5-v3's SigLIP means.
 FIELD_REPORT = [(1, 9, 0.24), (2, 6, 0.23), (3, 4, 0.34), (4, 1, 0.13), (5, 4, 0.04), (6, 6, 0.00)]
 GENERIC = [  # generic Korean captions of the kind the report quotes; distinct from one another
