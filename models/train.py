@@ -85,6 +85,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     patience: int = 3                  # early stopping on validation loss
     stop_on_collapse: int | None = None  # stop after this many collapsed epochs in a row (None: report only)
+    # epochs not counted towards stop_on_collapse: a projector-only stage 1 writes few distinct captions even
+    # in a run that turns healthy (MLP-2L here: 40/97 at epoch 1), while the field report's C-Abstractor
+    # collapsed from its first epoch on; 0 stops such a run earliest
+    collapse_warmup: int = 0
     weight_decay: float = 0.0
     seed: int = 0
     limit_train: int | None = None     # for smoke tests
@@ -285,7 +289,8 @@ def train_captioner(cfg: TrainConfig, shared: Path, encoder: VisionEncoder, llm,
     monitor = DiversityMonitor(None, val_rows, ids=[r.get("id") or str(i) for i, r in enumerate(val_rows)],
                                references=[r["caption"] for r in val_rows],
                                video_paths=[r["abs_path"] for r in val_rows], out_dir=out,
-                               patience=cfg.stop_on_collapse, thresholds=GuardThresholds())
+                               patience=cfg.stop_on_collapse, ignore_first=cfg.collapse_warmup,
+                               thresholds=GuardThresholds())
     history: list[EpochStats] = []
     rng = random.Random(cfg.seed)
     best, bad_epochs, epoch_no = float("inf"), 0, 0

@@ -109,7 +109,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                       limit_val=args.limit_val, threads=args.threads, select_layer=args.select_layer,
                       select_feature=args.select_feature)
     for name in ("siglip_epochs", "lm_epochs", "stage1_epochs", "stage2_epochs", "stage1_lr", "stage2_lr",
-                 "batch_size", "patience", "weight_decay", "stop_on_collapse"):
+                 "batch_size", "patience", "weight_decay", "stop_on_collapse", "collapse_warmup"):
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, value)
@@ -353,8 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
                       ("stage1_lr", float), ("stage2_lr", float), ("batch_size", int), ("patience", int),
                       ("weight_decay", float)):
         p.add_argument("--" + name.replace("_", "-"), type=typ, dest=name)
-    p.add_argument("--stop-on-collapse", type=int, dest="stop_on_collapse", metavar="N",
+    p.add_argument("--stop-on-collapse", type=_at_least(1), dest="stop_on_collapse", metavar="N",
                    help="stop after N collapsed epochs in a row (the guard's rules on the validation captions)")
+    p.add_argument("--collapse-warmup", type=_at_least(0), dest="collapse_warmup", metavar="K",
+                   help="--stop-on-collapse: do not count the first K epochs (default 0)")
     p.set_defaults(func=cmd_train)
     return parser
 
