@@ -149,6 +149,14 @@ def test_limits_and_unknown_fields():
     assert (row.video, row.caption, row.siglip, row.video_path) == ("7", "낮", None, None)   # upload: no paths
 
 
+def test_partial_video_paths_are_warned_not_scored(tmp_path):
+    path = tmp_path / "half.jsonl"
+    path.write_text('{"video": "a", "caption": "x", "video_path": "a.mp4"}\n{"video": "b", "caption": "y"}\n')
+    report = evaluate_captions([path], tmp_path / "out", scorer="none")
+    assert "partial_video_paths" in [w["code"] for w in report["warnings"]]
+    assert report["checkpoints"][0]["grounding_r1"] is None
+
+
 def test_missing_file_and_scorer_are_exit_2(tmp_path, capsys):
     assert main(["evaluate", "--captions", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")]) == 2
     assert "nope.jsonl" in capsys.readouterr().err

@@ -257,6 +257,11 @@ def _warnings(files: Sequence[CaptionsFile], skipped: list[dict]) -> list[dict]:
         warnings.append({"code": "videos_skipped", "message": (
             f"{len(skipped)} video files could not be decoded ({', '.join(names)}): those files get no "
             "scorer figures (see dataset.skipped).")})
+    partial = [f.name for f in files if not f.has_videos and any(r.video_path is not None for r in f.rows)]
+    if partial:
+        warnings.append({"code": "partial_video_paths", "message": (
+            f"Some rows of {', '.join(partial)} name no video_path; a file is scored (SigLIP, grounding R@1) "
+            "only when every row names its video.")})
     sets = [frozenset(r.video for r in f.rows) for f in files]
     if len(set(sets)) > 1:
         warnings.append({"code": "different_videos", "message": (
