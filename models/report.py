@@ -205,10 +205,14 @@ def render_html(report: dict) -> str:
         items = "".join(f"<li>{_e(w.get('message'))}</li>" for w in warnings)
         warning_html = f'<div class="warnings" id="warnings"><strong>Warnings</strong><ul>{items}</ul></div>'
     rho = correlation.get("rho")
-    correlation_html = (f"<p>Spearman rank correlation of SigLIP mean and diversity across the "
-                        f"{_e(correlation.get('n'))} checkpoints: <strong>{_num(rho)}</strong>. A negative "
-                        "value means SigLIP rewards the checkpoints that repeat themselves (the field "
-                        "report's trap).</p>")
+    if rho is None and correlation.get("note"):
+        correlation_html = (f"<p>Spearman rank correlation of SigLIP mean and diversity: {_e(correlation['note'])}"
+                            ". Read the SigLIP-rose-while-diversity-fell warning instead.</p>")
+    else:
+        correlation_html = (f"<p>Spearman rank correlation of SigLIP mean and diversity across the "
+                            f"{_e(correlation.get('n'))} checkpoints: <strong>{_num(rho)}</strong>. A negative "
+                            "value means SigLIP rewards the checkpoints that repeat themselves (the field "
+                            "report's trap).</p>")
     notes = "".join(f"<li><strong>{_e(k)}</strong>: {_e(v)}</li>"
                     for k, v in (run.get("metrics") or {}).items())
     thresholds = run.get("thresholds") or {}

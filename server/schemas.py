@@ -136,6 +136,18 @@ class EvaluationRequest(BaseModel):
     references: Literal["auto", "ko", "en", "none"] = "auto"       # which manifest captions score BLEU etc.
 
 
+class CaptionsEvaluationRequest(BaseModel):
+    """POST /evaluations with caption files from any pipeline (capguard.models.captions_file), one report row
+    each, instead of checkpoints; or upload them as multipart ``captions`` file fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    captions: list[str] = Field(min_length=1, max_length=100)   # JSONL files relative to datasets_root
+    videos: str | None = Field(None, min_length=1, max_length=500)   # dir the rows' video_path are relative
+    #                                                   to (relative to datasets_root); None: each file's own dir
+    num_frames: int | None = Field(None, ge=1, le=MAX_NUM_FRAMES)   # frames the scorer samples (None: 8)
+
+
 class EvaluationProgress(BaseModel):
     done: int                   # videos captioned so far, over all checkpoints
     total: int                  # checkpoints x videos

@@ -18,6 +18,7 @@ from capguard.models.jsonable import jsonable
 from capguard.models.rules import GuardThresholds, tripped_rules
 
 REPORT_VERSION = 1
+MIN_CORRELATION_POINTS = 3   # checkpoints with SigLIP and diversity before the Spearman figure is reported
 
 
 ROW_KEYS = (
@@ -134,13 +135,19 @@ def build_report(rows: Sequence[dict], dataset: dict | None = None, run: dict | 
                  extra_warnings: Sequence[dict] = ()) -> dict:
     """The report dict (what report.json holds) from rows in checkpoint order.
 
-    Example: two rows with siglip_mean 0.2 -> 0.3 and diversity 0.6 -> 0.1 -> correlation rho -1.0 and
-    warnings with codes "collapsed" (if the second collapsed), "siglip_diversity_negative",
-    "siglip_up_diversity_down", "best_siglip_collapsed".
+    Example: three rows with siglip_mean 0.1 -> 0.2 -> 0.4 and diversity 0.9 -> 0.6 -> 0.2 -> correlation
+    rho -1.0 and warnings with codes "collapsed" (if the last collapsed), "siglip_diversity_negative",
+    "siglip_up_diversity_down", "best_siglip_collapsed". With fewer than 3 such rows rho is None and
+    correlation["note"] says why (two points always rank-correlate +-1).
     """
     rows = list(rows)
-    rho = spearman([r["siglip_mean"] for r in rows], [r["diversity"] for r in rows])
     pairs = sum(is_finite(r["siglip_mean"]) and is_finite(r["diversity"]) for r in rows)
+    correlation = {"method": "spearman", "rho": None, "n": pairs}
+    if pairs >= MIN_CORRELATION_POINTS:
+        correlation["rho"] = spearman([r["siglip_mean"] for r in rows], [r["diversity"] for r in rows])
+    else:   # the ranks of 2 points always correlate +-1: a sign, not a measurement
+        correlation["note"] = (f"not meaningful with {pairs} checkpoint(s) that have SigLIP and diversity; "
+                               f"a rank correlation needs at least {MIN_CORRELATION_POINTS}")
     return jsonable({
         "version": REPORT_VERSION,
         "dataset": dict(dataset or {}),
@@ -148,6 +155,6 @@ def build_report(rows: Sequence[dict], dataset: dict | None = None, run: dict | 
         "checkpoints": rows,
         "verdicts": {r["name"]: r["status"] for r in rows},
         "fingerprints": {r["name"]: r.get("fingerprint") for r in rows},
-        "correlation": {"siglip_mean_vs_diversity": {"method": "spearman", "rho": rho, "n": pairs}},
-        "warnings": [*extra_warnings, *report_warnings(rows, rho)],
+        "correlation": {"siglip_mean_vs_diversity": correlation},
+        "warnings": [*extra_warnings, *report_warnings(rows, correlation["rho"])],
     })
