@@ -14,7 +14,8 @@ here tell content from form:
   entropy of the eigenvalues of K = X X^T / n for unit rows X (n, d): the effective number of different
   captions *by meaning* (1 = all the same, n = all orthogonal). Dual form: K's non-zero eigenvalues are
   those of X^T X / n (d, d), so it costs O(n d^2) and ``RunningVendi`` keeps X^T X up to date in O(d^2)
-  per caption. Reported as ``vendi`` and ``vendi / min(n, d)`` (0-1, what a rule can read at any window).
+  per caption. Its scale depends on the scorer (a scorer whose captions are all about buildings gives a
+  healthy window of 100 a Vendi of ~9, bench/RESULTS.md), so it is reported, not a default rule.
 
 Cost (bench/bench_guard.py): kiwipiepy analyses each distinct *word* (eojeol) once and caches it, so a
 captioner's vocabulary is analysed once and a new caption costs dictionary look-ups; loading the analyser
@@ -141,11 +142,6 @@ def vendi_score(embeddings: np.ndarray) -> float:
     return _vendi_from_gram(x.T @ x, x.shape[0])           # (d, d): O(n d^2)
 
 
-def vendi_ratio(vendi: float, n: int, dim: int) -> float:
-    """vendi / min(n, d), 0-1: the score's ceiling is the rank of X. nan when n == 0."""
-    return vendi / min(n, dim) if n and math.isfinite(vendi) else NAN
-
-
 class RunningVendi:
     """Vendi score of a changing set of embeddings: X^T X kept as a running sum, O(d^2) per add or remove.
 
@@ -189,4 +185,4 @@ class RunningVendi:
 
 
 __all__ = ["CONTENT_TAGS", "RunningVendi", "content_key", "content_morphemes", "content_unique_ratio",
-           "vendi_ratio", "vendi_score", "warm_up"]
+           "vendi_score", "warm_up"]
