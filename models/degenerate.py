@@ -14,8 +14,9 @@ when every video gets its own loop; it is a property of one caption, so it is ju
 A loop that also hit the limit keeps its loop kind with ``hit_token_limit=True``.
 
 Hand-written: no maintained library detects tandem repeats in captions (sacrebleu and rapidfuzz compare
-two strings; this is one string against itself). Cost: one numpy comparison per candidate period,
-~30-100 us for a demo-length caption (bench/bench_guard.py measures it).
+two strings; this is one string against itself). Cost: one numpy comparison per candidate period (only
+the distances between repeated unit bigrams), tens of microseconds for a demo caption
+(bench/bench_guard.py --new-figures).
 """
 
 from __future__ import annotations
@@ -73,21 +74,32 @@ def _weight(unit: str) -> int:
     return 1 if len(unit) == 1 and "\uac00" <= unit <= "\ud7a3" else LATIN_WORD_UNITS
 
 
+def _candidate_periods(ids: np.ndarray) -> list[int]:
+    """Periods worth testing: distances between two occurrences of one unit bigram, ascending.
+
+    A stretch with >= 2 copies of period p >= 2 repeats each of its bigrams p apart (and p = 1 with >= 3
+    copies repeats the bigram "aa" 1 apart), so no other period can hold a loop that counts. A normal
+    caption repeats few bigrams, so this keeps the numpy scan to a handful of periods.
+    Example: ids of a b c a b c a b -> [3, 6].
+    """
+    seen: dict[tuple[int, int], list[int]] = {}
+    for j, bigram in enumerate(zip(ids[:-1].tolist(), ids[1:].tolist(), strict=True)):
+        seen.setdefault(bigram, []).append(j)
+    n = len(ids)
+    return sorted({b - a for where in seen.values() if len(where) > 1
+                   for i, a in enumerate(where) for b in where[i + 1:] if b - a <= n // 2})
+
+
 def _longest_tandem(ids: np.ndarray) -> tuple[int, int, int]:
     """(period, start, span) of the longest periodic stretch of ``ids`` (N,) with >= 2 copies; ties -> shorter
-    period. span counts every position of the stretch, the trailing partial copy included.
+    period. span counts every position of the stretch, the trailing partial copy included. (0, 0, 0): none.
 
     Example: ids of a b c a b c a b -> (3, 0, 8): "abc" 2 full copies + "ab".
     """
     best = (0, 0, 0)
-    n = len(ids)
-    for p in range(1, n // 2 + 1):
-        if best[2] == n:   # the whole caption is periodic already; a longer period only has fewer copies
-            break
+    for p in _candidate_periods(ids):
         same = np.concatenate(([False], ids[:-p] == ids[p:], [False]))  # (n - p + 2,) position j matches j + p
         edges = np.flatnonzero(np.diff(same.astype(np.int8)))          # run starts and ends, alternating
-        if not len(edges):
-            continue
         starts, ends = edges[0::2], edges[1::2]
         lengths = ends - starts                                        # matches in a row: span = run + p
         k = int(np.argmax(lengths))

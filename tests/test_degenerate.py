@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from capguard.models.degenerate import KINDS, degeneration, units
@@ -70,3 +71,25 @@ def test_no_false_positive_on_recorded_and_reference_captions():
     assert flagged == []   # greedy and sampled (T=1.0) outputs of both shipped checkpoints: no loop, no cut
     for ref in refs:
         assert degeneration(ref["caption_ko"]) is None and degeneration(ref["caption_en"]) is None
+
+
+def brute_force_tandem(ids) -> tuple[int, int, int]:
+    """Reference: every period and start, longest periodic stretch with >= 2 copies (>= 3 for period 1)."""
+    best, n = (0, 0, 0), len(ids)
+    for p in range(1, n // 2 + 1):
+        for start in range(n):
+            m = 0
+            while start + m + p < n and ids[start + m] == ids[start + m + p]:
+                m += 1
+            if m >= p and m + p > best[2] and not (p == 1 and m + p < 3):
+                best = (p, start, m + p)
+    return best
+
+
+def test_tandem_scan_matches_brute_force():
+    from capguard.models.degenerate import _longest_tandem
+
+    rng = np.random.default_rng(0)
+    for _ in range(1500):
+        ids = rng.integers(0, rng.integers(2, 6), rng.integers(2, 40))
+        assert _longest_tandem(ids) == brute_force_tandem(ids.tolist()), ids

@@ -79,10 +79,12 @@ def test_running_vendi_follows_a_window():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((150, 32))
     running = RunningVendi(32)
-    for i in range(150):
+    for i in range(120):
         running.add(x[i])
         if i >= 100:
             running.remove(x[i - 100])
+    for i in range(120, 150):
+        running.replace(x[i - 100], x[i])
     assert running.n == 100 and running.score() == pytest.approx(vendi_score(x[50:]), rel=1e-9)
     running.reset(x[:10])
     assert running.score() == pytest.approx(vendi_score(x[:10]))
