@@ -44,7 +44,7 @@ MIN_SENTENCE_UNITS = 4
 LATIN_WORD_UNITS = 2
 
 _UNIT = re.compile(r"[\uac00-\ud7a3]|[^\s\uac00-\ud7a3]+")   # a Hangul syllable, or a run of anything else
-_SENTENCE_END = re.compile(r"(?<=[.!?。？！])\s*|\n+")
+_SENTENCE_END = re.compile(r"(?<=[.!?。？！])(?!\d)\s*|\n+")   # "5.5층" is one number, not two sentences
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ def test_loops_are_found(caption, kind, period, repeats):
     "낮, 홀로 선 빨간 문의 5층 빨간 평지붕 건물을 줌인한 영상",   # colour word twice, not in a row
     "건물 앞의 건물, 그 뒤의 건물을 보여주는 영상",
     "네. 네.",                                         # a repeated sentence too short to be a loop
+    "5.5층 건물. 5.5층 건물 옆의 도로",                 # a decimal point does not end a sentence
     "",
 ])
 def test_natural_repetition_is_not_a_loop(caption):
