@@ -70,7 +70,7 @@ def test_shipped_checkpoints_no_longer_loosen_the_guard():
         assert "guard" not in json.loads(config.read_text()), config
 
 
-@pytest.mark.slow   # 3 seeds x 291 observations, plus loading kiwipiepy (~10 s) when no test did before
+@pytest.mark.slow   # 3 seeds x 291 observations, plus loading kiwipiepy (5-20 s) when no test did before
 @pytest.mark.parametrize("passes", [[0, 0, 0], [1, 2, 3]], ids=["greedy", "sampled"])
 def test_healthy_demo_is_never_flagged_over_three_shuffled_passes(passes):
     for seed in range(3):
@@ -107,6 +107,7 @@ def test_one_window_for_greedy_and_sampled_flags_sooner_than_one_per_mode():
     assert first_flag("demo", 1, 0.5, 0) is None
 
 
+@pytest.mark.slow   # loads kiwipiepy (5-20 s) when no test did before
 def test_paraphrase_stream_trips_content_but_the_old_loosening_missed_it():
     stream = paraphrase_stream(97)
     strict = diversity_report(stream, near_dup_threshold=0.9, with_self_bleu=False, with_distinct_n=False)
@@ -116,6 +117,7 @@ def test_paraphrase_stream_trips_content_but_the_old_loosening_missed_it():
     assert content_unique_ratio(stream) < 0.2                              # content: flagged with a wide margin
 
 
+@pytest.mark.slow   # loads kiwipiepy (5-20 s) when no test did before
 def test_field_report_variants_trip_near_unique_not_exact_nor_content():
     sunny = "맑고 화창한 낮의 풍경을 담은 영상"
     captions = [sunny, sunny.replace("풍경", "광경")] * 20
