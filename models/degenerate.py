@@ -31,8 +31,8 @@ from capguard.models.diversity import caption_key, normalize_caption
 KINDS = ("repeated_sentence", "repeated_ngram", "token_limit")  # the ``kind`` values, for counters and tests
 
 # Thresholds, in units (Hangul syllable = 1, other word = LATIN_WORD_UNITS); each with its reason.
-# Three copies of anything of >= 6 units in a row: natural text does not ("반짝반짝" is 2 copies of 2, "하하하"
-# 3 copies of 1, "very very very" 3 of 2 words = 6 units; so we count 3 copies only from 7 units up).
+# Three copies in a row covering >= 7 units: natural text does not ("반짝반짝" is 2 copies of 2, "하하하"
+# 3 copies of 1, "very very very" 3 copies of one word = 6 units: the longest natural triple we know).
 MIN_REPEATS = 3
 MIN_SPAN_AT_MIN_REPEATS = 7
 # Two copies of a long phrase in a row ("a man is walking a man is walking", "풍경을 보여주는 풍경을 보여주는"):
@@ -140,7 +140,7 @@ def degeneration(caption: str, num_tokens: int | None = None, max_new_tokens: in
     num_tokens / max_new_tokens: the generated token count (EOS excluded) and the limit it ran under; both
     needed for ``token_limit``. Examples:
     "도시의 풍경을 보여주는 영상입니다. 도시의 풍경을 보여주는 영상입니다. 도시의" -> repeated_sentence,
-    period 14, repeats 2.0; "a man is walking a man is walking a man is" -> repeated_ngram, period 8
+    period 15, repeats 2.0; "a man is walking a man is walking a man is" -> repeated_ngram, period 8
     (4 words), repeats 2.75, coverage 1.0; "반짝반짝 빛나는 도시" -> None; ("도시", 48, 48) -> token_limit.
     """
     if not isinstance(caption, str):
