@@ -383,8 +383,11 @@ class Guard:
                 self._vendi.reset(np.stack([r.text_emb for r in self._rows.values() if r.text_emb is not None])
                                   if self._emb_rows else None)   # (m, E)
         warm_up_ends = old is None and len(self._rows) == self.settings.min_captions
-        if score and (warm_up_ends or self._observations % RunningVendi.SCORE_EVERY == 0):
-            self._vendi_score = self._vendi.score() if self._emb_rows else None
+        if warm_up_ends or self._observations % RunningVendi.SCORE_EVERY == 0:
+            if score:
+                self._vendi_score = self._vendi.score() if self._emb_rows else None
+            elif self._vendi is not None:
+                self._vendi.flush()   # same float sums as observing: restore's figures equal bit for bit
         return warm_up_ends or self._observations % self._every == 0
 
     def _recompute(self) -> None:
