@@ -241,7 +241,8 @@ def test_html_escapes_captions_and_draws_one_bar_per_checkpoint():
     assert page.index("&lt;b&gt;epoch-1") < page.index(">epoch-2<") < page.index(">epoch-3<")  # in order
     # the new figures: content-unique and looping share in the main table, the Vendi score in the details
     assert "<th>Content-unique</th>" in page and "<th>Looping</th>" in page and "<th>Vendi score</th>" in page
-    first = page[page.index("&lt;b&gt;epoch-1"):page.index("</tr>", page.index("&lt;b&gt;epoch-1"))]
+    start = page.index("&lt;b&gt;epoch-1", page.index('<table id="main"'))
+    first = page[start:page.index("</tr>", start)]                       # epoch-1's row of the main table
     # grounding R@1 (no embeddings), content-unique (2 content keys of 10 captions), looping share, verdict
     assert '<td class="num">-</td><td class="num">0.20</td><td class="num">0.00</td><td>' in first
 
