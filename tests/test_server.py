@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -291,6 +292,16 @@ def test_admin_routes_need_a_token_on_a_network_bind(server_settings):
         assert client.get("/checkpoints").status_code == 200   # reading stays open
         settings.host = "127.0.0.1"
         assert client.post("/checkpoints/demo/activate").status_code == 200
+
+
+def test_kiwipiepy_warms_up_on_the_loader_thread_not_on_a_request(server_settings, monkeypatch):
+    import capguard.server.state as state_module
+
+    threads = []
+    monkeypatch.setattr(state_module.semantic, "warm_up", lambda: threads.append(threading.current_thread().name))
+    with TestClient(create_app(server_settings())) as client:
+        assert client.get("/readyz").status_code == 200
+    assert threads and all(name.startswith("capguard-load") for name in threads), threads
 
 
 def test_activate_switches_the_default_checkpoint(client, video_files):
