@@ -24,7 +24,7 @@ MIN_CORRELATION_POINTS = 3   # checkpoints with SigLIP and diversity before the 
 ROW_KEYS = (
     "name", "path", "fingerprint", "projector_type", "epoch", "n", "unique", "diversity", "near_unique",
     "near_unique_ratio", "top_mode_share", "top_mode", "repeat_probability", "distinct_1", "distinct_2",
-    "self_bleu", "siglip_mean", "siglip_median", "grounding_r1", "grounding_margin", "bleu", "chrf",
+    "self_bleu", "content_unique_ratio", "vendi_score", "degenerate_share", "siglip_mean", "siglip_median", "grounding_r1", "grounding_margin", "bleu", "chrf",
     "cider_d", "attribute_accuracy", "attribute_accuracy_by_name", "status", "tripped", "thresholds", "modes",
     "num_frames", "seconds", "timings_s",
 )
@@ -35,11 +35,13 @@ def checkpoint_row(name: str, captions: Sequence[str], *, scores: Sequence[float
                    references: Sequence[str | None] | None = None,
                    attributes: Sequence[dict | None] | None = None, lang: str | None = None,
                    ids: Sequence[str] | None = None, thresholds: GuardThresholds | None = None,
-                   info: dict | None = None, top_k: int = 5) -> dict:
+                   info: dict | None = None, top_k: int = 5,
+                   degenerate: Sequence[str | None] | None = None) -> dict:
     """One checkpoint's report row (keys: ROW_KEYS) from its captions of the data set, in data set order.
 
     scores: SigLIP probability per caption (None: no scorer). text_emb/video_emb: (n, E) scorer embeddings
-    for grounding. references/attributes: per video, None where absent. ids: video ids, to name a mode's
+    for grounding and the Vendi score. degenerate: the degeneration kind (or None) per caption, computed with
+    its token counts (capguard.models.degenerate); None: judged from the text alone. references/attributes: per video, None where absent. ids: video ids, to name a mode's
     videos. info: path, fingerprint, ... copied into the row. Verdict: "collapsed" if any guard rule of
     thresholds (default GuardThresholds()) trips; the row records the thresholds it was judged by.
 
@@ -48,7 +50,7 @@ def checkpoint_row(name: str, captions: Sequence[str], *, scores: Sequence[float
     """
     thresholds = thresholds or GuardThresholds()
     report = diversity_report(list(captions), text_emb, video_emb, top_k=top_k,
-                              near_dup_threshold=thresholds.near_dup_threshold)
+                              near_dup_threshold=thresholds.near_dup_threshold, degenerate=degenerate)
     tripped = tripped_rules(report, thresholds)
     siglip = [s for s in (scores or []) if is_finite(s)]
     row = dict.fromkeys(ROW_KEYS)
@@ -61,6 +63,8 @@ def checkpoint_row(name: str, captions: Sequence[str], *, scores: Sequence[float
         "top_mode": report.modes[0].representative if report.modes else None,
         "repeat_probability": d["repeat_probability"], "distinct_1": d["distinct_1"],
         "distinct_2": d["distinct_2"], "self_bleu": d["self_bleu"],
+        "content_unique_ratio": d["content_unique_ratio"], "vendi_score": d["vendi_score"],
+        "degenerate_share": d["degenerate_share"],
         "siglip_mean": float(np.mean(siglip)) if siglip else None,
         "siglip_median": float(np.median(siglip)) if siglip else None,
         "grounding_r1": d["grounding_r1"], "grounding_margin": d["grounding_margin"],
