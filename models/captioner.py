@@ -132,30 +132,44 @@ class Captioner(nn.Module):
         embeds, mask, positions, labels = self.build_inputs(visual, targets)
         return self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, labels=labels).loss
 
-    @torch.inference_mode()
-    def generate(self, visual: list[torch.Tensor], gen: GenerationConfig,
-                 max_new_tokens: list[int] | None = None) -> list[Generated]:
-        """Greedy (or configured) batched decoding; each row may stop at its own ``max_new_tokens``.
+    def sequence(self, visual: torch.Tensor) -> torch.Tensor:
+        """One prompt for an engine that takes embeddings: (Q, D_llm) visual tokens -> (P + Q + S, D_llm)
+        = [prompt before <video> | visual tokens | prompt after], in the LLM's dtype (no padding)."""
+        pre, suf = self.prompt_embeddings()                             # (P, D), (S, D)
+        return torch.cat([pre, visual.to(pre.dtype), suf])
 
-        Rows share one ``generate`` call run to the largest limit; a greedy row cut at its own
-        limit equals what a call with that limit would have produced.
-        """
-        embeds, mask, _, _ = self.build_inputs(visual)
-        limits = max_new_tokens or [gen.max_new_tokens] * len(visual)
-        options = asdict(gen) | {"max_new_tokens": max(limits)}
+    def finish(self, ids: list[int], limit: int) -> Generated:
+        """Generated ids (possibly past EOS or past this row's limit) -> the caption: cut at ``limit`` and
+        at the first EOS, decoded without special tokens. Every engine ends its rows here, so the same
+        ids give the same text whichever engine made them."""
+        kept = []
+        for tok in ids[:limit]:
+            if tok == self.eos_id:
+                break
+            kept.append(tok)
+        return Generated(text=self.tokenizer.decode(kept, skip_special_tokens=True).strip(), token_ids=kept)
+
+    def generate_options(self, gen: GenerationConfig, max_new_tokens: int) -> dict:
+        """HF ``generate`` keyword arguments for a GenerationConfig (sampling knobs only when sampling)."""
+        options = asdict(gen) | {"max_new_tokens": max_new_tokens}
         if not options["do_sample"]:
             options.pop("temperature"), options.pop("top_p")
         if self.static_cache:
             options.update(static_cache_options())
+        return options
+
+    @torch.inference_mode()
+    def generate(self, visual: list[torch.Tensor], gen: GenerationConfig,
+                 max_new_tokens: list[int] | None = None, **extra) -> list[Generated]:
+        """Greedy (or configured) batched decoding; each row may stop at its own ``max_new_tokens``.
+
+        Rows share one ``generate`` call run to the largest limit; a greedy row cut at its own
+        limit equals what a call with that limit would have produced. ``extra`` goes to HF
+        ``generate`` (the hf engine passes a stopping criterion that aborts a request).
+        """
+        embeds, mask, _, _ = self.build_inputs(visual)
+        limits = max_new_tokens or [gen.max_new_tokens] * len(visual)
         out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, pad_token_id=self.pad_id,
-                                eos_token_id=self.eos_id, **options)        # (B, new) new tokens only
-        results = []
-        for row, limit in zip(out.tolist(), limits, strict=True):
-            ids = []
-            for tok in row[:limit]:
-                if tok == self.eos_id:
-                    break
-                ids.append(tok)
-            text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
-            results.append(Generated(text=text, token_ids=ids))
-        return results
+                                eos_token_id=self.eos_id, **self.generate_options(gen, max(limits)),
+                                **extra)                                    # (B, new) new tokens only
+        return [self.finish(row, limit) for row, limit in zip(out.tolist(), limits, strict=True)]

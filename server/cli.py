@@ -47,10 +47,17 @@ def _at_least(minimum: float, kind: type = int):
     return parse
 
 
+def _use_engine(args: argparse.Namespace) -> None:
+    """--engine wins over CAPGUARD_ENGINE; every load_stack of this process (evaluations too) reads it."""
+    if getattr(args, "engine", None):
+        os.environ["CAPGUARD_ENGINE"] = args.engine
+
+
 def cmd_caption(args: argparse.Namespace) -> int:
     from capguard.models.stack import load_stack
     from capguard.models.video import VideoError, VideoLimits, sample_frames
 
+    _use_engine(args)
     stack = load_stack(args.checkpoint, device=args.device, with_scorer=not args.no_score)
     num_frames = stack.config.num_frames if args.num_frames is None else args.num_frames
     failures = 0
@@ -74,6 +81,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
         for path, sampled, out in zip(paths, metas, outputs, strict=True):
             record = {
                 "video": path, "caption": out.caption, "checkpoint": stack.name, "fingerprint": stack.fingerprint,
+                "engine": stack.engine_name,
                 "frames": {"count": len(sampled.indices), "indices": sampled.indices,
                            "timestamps_s": [round(t, 4) for t in sampled.timestamps_s], "backend": sampled.backend},
                 "scores": {"siglip": out.score},
@@ -84,11 +92,12 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def cmd_init_checkpoint(args: argparse.Namespace) -> int:
-    from capguard.models.components import init_checkpoint
+    from capguard.models.components import PRESETS, init_checkpoint
 
     options = json.loads(args.options) if args.options else None
-    path = init_checkpoint(args.directory, args.projector, options=options, seed=args.seed)
-    print(json.dumps({"checkpoint": str(path), "projector": args.projector}))
+    path = init_checkpoint(args.directory, args.projector, sizes=PRESETS[args.preset], options=options,
+                           seed=args.seed)
+    print(json.dumps({"checkpoint": str(path), "projector": args.projector, "preset": args.preset}))
     return 0
 
 
@@ -110,7 +119,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                       limit_val=args.limit_val, threads=args.threads, select_layer=args.select_layer,
                       select_feature=args.select_feature)
     for name in ("siglip_epochs", "lm_epochs", "stage1_epochs", "stage2_epochs", "stage1_lr", "stage2_lr",
-                 "batch_size", "patience", "weight_decay"):
+                 "batch_size", "patience", "weight_decay", "stop_on_collapse", "collapse_warmup"):
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, value)
@@ -121,7 +130,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                           "diversity": round(h.report["unique_ratio"], 3), "siglip": round(h.siglip_mean, 3),
                           "attribute_accuracy": h.attribute_accuracy, "tripped": h.tripped,
                           "top_mode": h.report["modes"][0]["representative"] if h.report["modes"] else None,
-                          "checkpoint": h.checkpoint}, ensure_ascii=False))
+                          "checkpoint": h.checkpoint, **({"stopped": h.stopped} if h.stopped else {})},
+                         ensure_ascii=False))
     return 0
 
 
@@ -130,6 +140,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if not args.watch and (args.once or args.max_checkpoints is not None):
         print("capguard evaluate: error: --once and --max-checkpoints only apply to --watch DIR", file=sys.stderr)
+        return 2
+    if args.captions:
+        return _evaluate_captions(args)
+    if args.scorer:
+        print("capguard evaluate: error: --scorer only applies to --captions (checkpoints name their own scorer)",
+              file=sys.stderr)
+        return 2
+    if not args.videos:
+        print("capguard evaluate: error: --videos is required with --checkpoints or --watch", file=sys.stderr)
         return 2
     try:
         dataset = load_dataset(args.videos, args.references, args.limit)
@@ -144,6 +163,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.actors < 1:
         print(f"capguard evaluate: error: --actors must be at least 1, got {args.actors}", file=sys.stderr)
         return 2
+    _use_engine(args)
     try:
         if args.ray:
             if importlib.util.find_spec("ray") is None:
@@ -162,6 +182,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"capguard evaluate: stopped; the report in {args.out} has every checkpoint finished so far",
               file=sys.stderr)
         return 130
+    return _print_report(report, Path(args.out))
+
+
+def _evaluate_captions(args: argparse.Namespace) -> int:
+    """``capguard evaluate --captions A.jsonl B.jsonl``: a bad file is one line naming file and line, exit 2."""
+    from capguard.models.captions_file import CaptionsFileError
+    from capguard.models.evaluate.captions import evaluate_captions
+
+    if args.videos and not Path(args.videos).is_dir():
+        print(f"capguard evaluate: error: --videos {args.videos}: with --captions, a directory the rows' "
+              "video_path values are relative to", file=sys.stderr)
+        return 2
+    try:
+        report = evaluate_captions(args.captions, args.out, videos_root=args.videos, scorer=args.scorer or "auto",
+                                   device=args.device, num_frames=args.num_frames or 8)
+    except (CaptionsFileError, FileNotFoundError) as exc:
+        print(f"capguard evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    return _print_report(report, Path(args.out))
+
+
+def _print_report(report: dict, out: Path) -> int:
     for row in report["checkpoints"]:
         print(json.dumps({"checkpoint": row["name"], "unique": f"{row['unique']}/{row['n']}",
                           "diversity": row["diversity"], "siglip": row["siglip_mean"],
@@ -170,7 +212,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                           "top_mode": row["top_mode"]}, ensure_ascii=False))
     for warning in report["warnings"]:
         print(f"warning: {warning['message']}", file=sys.stderr)
-    out = Path(args.out)
     print(json.dumps({"report": str(out / "report.json"), "html": str(out / "report.html"),
                       "captions": str(out / "captions.jsonl")}))
     return 0
@@ -248,6 +289,12 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _engine_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=["auto", "hf", "vllm"],
+                   help="LLM engine (default: CAPGUARD_ENGINE, else auto: vllm when installed and it supports "
+                        "the LLM, else hf)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="capguard", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -272,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_at_least(1), default=8)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-score", action="store_true", help="skip the scorer")
+    _engine_argument(p)
     p.set_defaults(func=cmd_caption)
 
     p = sub.add_parser("init-checkpoint", help="write a tiny random-init stack (tests, wiring your own parts)")
@@ -279,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--projector", default="mlp2x_gelu", choices=PROJECTORS)
     p.add_argument("--options", help='projector options as JSON, e.g. \'{"num_queries": 16}\'')
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", default="tiny", choices=["tiny", "siglip-b16-qwen2-0.5b"],
+                   help="model shapes (random weights): tiny, or SigLIP-B/16 at 224 px + a Qwen2-0.5B-shaped LLM")
     p.set_defaults(func=cmd_init_checkpoint)
 
     p = sub.add_parser("export", help="copy a checkpoint elsewhere, keeping its shared components reachable")
@@ -314,7 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--checkpoints", nargs="+", help="checkpoint directories, in the order of the report")
     which.add_argument("--watch", metavar="DIR", help="evaluate each new checkpoint a training run writes under DIR")
-    p.add_argument("--videos", required=True, help="a JSONL manifest (capguard make-videos) or a directory of videos")
+    which.add_argument("--captions", nargs="+", metavar="JSONL",
+                       help="caption files from any pipeline, one per checkpoint or epoch (rows: video, caption, "
+                            "optional siglip, reference, video_path)")
+    p.add_argument("--videos", help="a JSONL manifest (capguard make-videos) or a directory of videos; with "
+                                    "--captions: the directory video_path values are relative to")
+    p.add_argument("--scorer", help="--captions: an open_clip SigLIP/CLIP directory that scores rows with a "
+                                    "video_path (default: the shipped demo scorer; 'none' to skip)")
     p.add_argument("--references", default="auto", choices=["auto", "ko", "en", "none"],
                    help="reference captions from the manifest (auto: caption_ko, else caption_en)")
     p.add_argument("--out", required=True, help="output dir: report.json, report.html, captions.jsonl")
@@ -330,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="spread the work over a Ray cluster's actor pool (auto: the running one, else a local one); "
                         "a rerun resumes from out/sweep.jsonl")
     p.add_argument("--actors", type=int, default=2, help="--ray: workers in the pool, each holding one loaded stack")
+    _engine_argument(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("train", help="train encoder/scorer, LM and a captioner on a make-videos data set")
@@ -350,6 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
                       ("stage1_lr", float), ("stage2_lr", float), ("batch_size", int), ("patience", int),
                       ("weight_decay", float)):
         p.add_argument("--" + name.replace("_", "-"), type=typ, dest=name)
+    p.add_argument("--stop-on-collapse", type=_at_least(1), dest="stop_on_collapse", metavar="N",
+                   help="stop after N collapsed epochs in a row (the guard's rules on the validation captions)")
+    p.add_argument("--collapse-warmup", type=_at_least(0), dest="collapse_warmup", metavar="K",
+                   help="--stop-on-collapse: do not count the first K epochs (default 0)")
     p.set_defaults(func=cmd_train)
     return parser
 
@@ -361,8 +422,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except Exception as exc:  # noqa: BLE001 - one clear line for the user, the trace with -v
         from capguard.models.config import CheckpointError
+        from capguard.models.engines import EngineError
 
-        if isinstance(exc, (CheckpointError, FileNotFoundError)) and not args.verbose:
+        if isinstance(exc, (CheckpointError, EngineError, FileNotFoundError)) and not args.verbose:
             print(f"capguard {args.command}: error: {exc}", file=sys.stderr)
             return 2
         raise

@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from capguard.models.config import MANIFEST_NAME, CheckpointConfig
+from capguard.models.degenerate import degeneration
 from capguard.models.evaluate.dataset import Dataset, VideoItem, load_dataset
 from capguard.models.evaluate.metrics import is_finite, metric_notes
 from capguard.models.evaluate.rows import build_report, checkpoint_row
@@ -140,6 +141,7 @@ class Evaluator:
         kept: list[int] = []
         captions: list[str] = []
         scores: list[float | None] = []
+        kinds: list[str | None] = []   # degeneration kind per caption, judged with its token count
         text_emb, video_emb = [], []
         stages = Counter()
         bar = tqdm(total=len(items), desc=name, unit="video", disable=not self.progress_bar)
@@ -149,12 +151,14 @@ class Evaluator:
             decoded = [(i, f) for i, f in decoded if f is not None]
             if decoded:
                 budget = None if self.max_new_tokens is None else [self.max_new_tokens] * len(decoded)
+                limit = self.max_new_tokens or stack.config.generation.max_new_tokens
                 outputs, seconds = stack.caption([f for _, f in decoded], max_new_tokens=budget)
                 stages.update(seconds)
                 for (i, _), out in zip(decoded, outputs, strict=True):
                     kept.append(i)
                     captions.append(out.caption)
                     scores.append(out.score)
+                    kinds.append(getattr(degeneration(out.caption, out.num_tokens, limit), "kind", None))
                     if out.text_emb is not None and out.video_emb is not None:
                         text_emb.append(out.text_emb)
                         video_emb.append(out.video_emb)
@@ -176,7 +180,8 @@ class Evaluator:
             video_emb=np.stack(video_emb) if grounded else None,             # (n, E)
             references=[it.reference for it in chosen] if self.dataset.lang else None,
             attributes=[it.attributes for it in chosen] if any(it.attributes for it in chosen) else None,
-            lang=self.dataset.lang, ids=[it.id for it in chosen], thresholds=thresholds, info=info)
+            lang=self.dataset.lang, ids=[it.id for it in chosen], thresholds=thresholds, info=info,
+            degenerate=kinds)
         self.rows.append(row)
         self.records += [{"checkpoint": name, "id": it.id, "path": it.rel, "caption": c,
                           "reference": it.reference, "siglip": s}
