@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from capguard.models.config import MANIFEST_NAME, CheckpointConfig
+from capguard.models.degenerate import degeneration
 from capguard.models.evaluate import Dataset, Evaluator, checkpoint_row, component_paths, load_dataset
 from capguard.models.rules import GuardThresholds
 
@@ -86,7 +87,7 @@ class SweepWorker:
             directory = self.plan.checkpoints[index]
             self.stack = None
             keep = component_paths(directory)
-            for store in (self.cache.open_clip, self.cache.llms):   # keep what the next stack shares
+            for store in (self.cache.open_clip, self.cache.towers, self.cache.llms):   # keep what it shares
                 for key in [k for k in store if Path(k[0]) not in keep]:
                     del store[key]
             self.stack = load_stack(directory, device=self.plan.device, cache=self.cache, with_scorer=True)
@@ -114,7 +115,7 @@ class SweepWorker:
             budget = None if self.plan.max_new_tokens is None else [self.plan.max_new_tokens] * len(frames)
             outputs, seconds = stack.caption(list(frames.values()), max_new_tokens=budget)
             for i, out in zip(frames, outputs, strict=True):
-                rows[i] = {"caption": out.caption, "siglip": out.score,
+                rows[i] = {"caption": out.caption, "siglip": out.score, "num_tokens": out.num_tokens,
                            "text_emb": None if out.text_emb is None else out.text_emb.astype(np.float32).tolist(),
                            "video_emb": None if out.video_emb is None else out.video_emb.astype(np.float32).tolist()}
             rows[min(frames)]["timings_s"] = dict(seconds)   # the batch's stages, counted once per unit
@@ -260,6 +261,7 @@ def write_report(plan: SweepPlan, dataset: Dataset, done: dict, out_dir: Path,
                 f"{name} has no scorer in its {MANIFEST_NAME}: SigLIP and grounding R@1 are not computed.")})
         config = CheckpointConfig.load(directory)
         judged_by = thresholds or replace(GuardThresholds(), **config.guard)
+        limit = plan.max_new_tokens or config.generation.max_new_tokens   # what the worker generated under
         stages = Counter()
         for row in rows:
             stages.update(row.get("timings_s", {}))
@@ -275,7 +277,8 @@ def write_report(plan: SweepPlan, dataset: Dataset, done: dict, out_dir: Path,
             video_emb=np.array([r["video_emb"] for r in chosen], dtype=np.float32) if grounded else None,  # (n, E)
             references=[items[v].reference for v in kept] if dataset.lang else None,
             attributes=[items[v].attributes for v in kept] if any(items[v].attributes for v in kept) else None,
-            lang=dataset.lang, ids=[items[v].id for v in kept], thresholds=judged_by, info=info)
+            lang=dataset.lang, ids=[items[v].id for v in kept], thresholds=judged_by, info=info,
+            degenerate=[getattr(degeneration(r["caption"], r["num_tokens"], limit), "kind", None) for r in chosen])
         evaluator.rows.append(report_row)
         evaluator.records += [{"checkpoint": name, "id": items[v].id, "path": items[v].rel,
                                "caption": rows[v]["caption"], "reference": items[v].reference,
