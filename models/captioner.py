@@ -9,13 +9,14 @@ so generation continues from aligned last positions. The same ``build_inputs`` s
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from capguard.models.config import VIDEO_PLACEHOLDER, GenerationConfig
 from capguard.models.encoder import VisionEncoder
+from capguard.models.sampling import plan_calls
 
 IGNORE_INDEX = -100
 
@@ -133,29 +134,35 @@ class Captioner(nn.Module):
         return self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, labels=labels).loss
 
     @torch.inference_mode()
-    def generate(self, visual: list[torch.Tensor], gen: GenerationConfig,
+    def generate(self, visual: list[torch.Tensor], gen: GenerationConfig | list[GenerationConfig],
                  max_new_tokens: list[int] | None = None) -> list[Generated]:
-        """Greedy (or configured) batched decoding; each row may stop at its own ``max_new_tokens``.
+        """Batched decoding; each row may stop at its own ``max_new_tokens`` and decode by its own options.
 
-        Rows share one ``generate`` call run to the largest limit; a greedy row cut at its own
-        limit equals what a call with that limit would have produced.
+        ``gen``: one GenerationConfig for every row, or one per row (a server batch mixes requests);
+        ``capguard.models.sampling.plan_calls`` puts the rows in as few ``generate`` calls as it can (one,
+        unless some rows use beam search), each sampled row on its own seeded random stream. Rows of a
+        call run to its largest limit; a row cut at its own limit equals what a call with that limit
+        would have produced (greedy, and sampled: a row's draws do not depend on the others).
         """
-        embeds, mask, _, _ = self.build_inputs(visual)
-        limits = max_new_tokens or [gen.max_new_tokens] * len(visual)
-        options = asdict(gen) | {"max_new_tokens": max(limits)}
-        if not options["do_sample"]:
-            options.pop("temperature"), options.pop("top_p")
-        if self.static_cache:
-            options.update(static_cache_options())
-        out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, pad_token_id=self.pad_id,
-                                eos_token_id=self.eos_id, **options)        # (B, new) new tokens only
-        results = []
-        for row, limit in zip(out.tolist(), limits, strict=True):
-            ids = []
-            for tok in row[:limit]:
-                if tok == self.eos_id:
-                    break
-                ids.append(tok)
-            text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
-            results.append(Generated(text=text, token_ids=ids))
+        gens = gen if isinstance(gen, list) else [gen] * len(visual)
+        limits = max_new_tokens or [g.max_new_tokens for g in gens]
+        results: list[Generated | None] = [None] * len(visual)
+        for rows, options in plan_calls(gens):
+            embeds, mask, _, _ = self.build_inputs([visual[i] for i in rows])
+            options = options | {"max_new_tokens": max(limits[i] for i in rows)}
+            if self.static_cache:
+                options.update(static_cache_options())
+            out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, pad_token_id=self.pad_id,
+                                    eos_token_id=self.eos_id, **options)        # (b, new) new tokens only
+            for i, row in zip(rows, out.tolist(), strict=True):
+                results[i] = self._finish(row, limits[i])
         return results
+
+    def _finish(self, row: list[int], limit: int) -> Generated:
+        """Generated ids -> the caption: cut at ``limit`` and at the first EOS, decoded without special tokens."""
+        ids = []
+        for tok in row[:limit]:
+            if tok == self.eos_id:
+                break
+            ids.append(tok)
+        return Generated(text=self.tokenizer.decode(ids, skip_special_tokens=True).strip(), token_ids=ids)

@@ -1,11 +1,13 @@
 """The captioning service: what happens to a video between the /caption route and its answer.
 
-    name, stack = await choose_checkpoint(state, requested=None)      # collapse_policy applies here
-    video = await decode_video(state, upload_path, stack, num_frames)  # in a decoder process
-    result = await submit(state, CaptionJob(name, stack, video.frames, 32, sha256, decode_ms))
+    choice = await choose_checkpoint(state, requested=None)           # collapse_policy applies here
+    video = await decode_video(state, upload_path, choice.stack, num_frames)   # in a decoder process
+    gen = decoding.apply(choice.stack.config.generation)            # this request's decoding options
+    result = await submit(state, CaptionJob(choice.name, choice.stack, video.frames, gen, sha256, decode_ms))
 
 ``submit`` queues the job on the batcher; ``run_batch`` runs on the model thread for a whole batch of
-one checkpoint, in steps: ``generate`` (the model: encode, generate, score), ``log`` (one committed
+one checkpoint, in steps: ``generate`` (the model: encode, generate, score; each job decodes by its own
+options, capguard.models.sampling), ``log`` (one committed
 write to the caption log), ``observe`` (the guard), ``record`` (the metrics). ``generate`` is the
 only step that touches the model: swapping how batches are generated changes that function alone.
 The answer leaves only after its caption is committed.
@@ -19,6 +21,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from capguard.models.config import GenerationConfig
+from capguard.models.decoding import effective
 from capguard.models.stack import CaptionOutput, CaptionStack
 from capguard.server.batcher import QueueFull
 from capguard.server.decode import DecodedVideo, DecodeFailed
@@ -39,7 +43,10 @@ class CaptionJob:
     checkpoint: str              # name: the batch key, the guard and the log row
     stack: CaptionStack          # chosen (and loaded) on the event loop, so the model thread never loads
     frames: np.ndarray           # (T, H, W, 3) uint8 from the decoder process
-    max_new_tokens: int          # this request's own limit; a batch mixes limits
+    # this request's decoding (the checkpoint's defaults + its own fields, capguard.models.decoding) and
+    # max_new_tokens; a batch mixes them. An engine with per-request sampling parameters (vLLM's
+    # SamplingParams, seed included) takes it as it is; the hf engine runs it per row (models/sampling.py)
+    generation: GenerationConfig
     video_sha256: str            # the guard counts distinct videos by it
     decode_ms: float             # kept in the log row's timings
 
@@ -58,12 +65,21 @@ def _collapsed(state: AppState, name: str) -> bool:
     return state.guards.get(name).state().status == "collapsed"
 
 
-async def choose_checkpoint(state: AppState, requested: str | None) -> tuple[str, CaptionStack]:
+@dataclasses.dataclass
+class Choice:
+    name: str                    # the checkpoint that serves the request
+    stack: CaptionStack
+    fallback_from: str | None = None   # under "fallback": the collapsed checkpoint it stands in for
+    reason: list[str] = dataclasses.field(default_factory=list)   # that checkpoint's tripped rules then
+
+
+async def choose_checkpoint(state: AppState, requested: str | None) -> Choice:
     """The checkpoint to serve with, after collapse_policy.
 
     "flag" serves whatever it is asked. "reject" answers 503 for a collapsed checkpoint. "fallback"
     serves a request that names no checkpoint from the most recently active loaded one that is not
-    collapsed (a request that names one gets that one or a 503: it asked for those weights).
+    collapsed (a request that names one gets that one or a 503: it asked for those weights); the choice
+    says which one it stood in for and why, and capguard_fallbacks_total{requested,served} counts it.
     """
     checkpoints = state.checkpoints
     name = requested or checkpoints.active
@@ -75,12 +91,14 @@ async def choose_checkpoint(state: AppState, requested: str | None) -> tuple[str
         raise unavailable("not_ready", f"the active checkpoint cannot serve ({exc.message})", 5) from None
     policy = state.settings.collapse_policy
     if policy == "flag" or not _collapsed(state, name):
-        return name, stack
+        return Choice(name, stack)
     if policy == "fallback" and requested is None:
         for other in reversed(checkpoints.history):
             other_stack = checkpoints.loaded(other)
             if other != name and other_stack is not None and not _collapsed(state, other):
-                return other, other_stack
+                state.metrics.fallbacks.labels(name, other).inc()
+                reason = list(state.guards.get(name).state().tripped)
+                return Choice(other, other_stack, fallback_from=name, reason=reason)
     raise unavailable("checkpoint_collapsed",
                       f"checkpoint {name!r} is flagged collapsed (its recent captions hardly depend on the video); "
                       "activate a healthy checkpoint (POST /checkpoints/{name}/activate)", COLLAPSED_RETRY_AFTER_S)
@@ -132,7 +150,7 @@ def generate(jobs: list[CaptionJob]) -> tuple[list[CaptionOutput], dict[str, flo
     Returns (one output per job, seconds per stage {"encode", "generate", "score"} of the whole batch).
     """
     stack = jobs[0].stack
-    return stack.caption([job.frames for job in jobs], max_new_tokens=[job.max_new_tokens for job in jobs])
+    return stack.caption([job.frames for job in jobs], generation=[job.generation for job in jobs])
 
 
 def log_captions(state: AppState, jobs: list[CaptionJob], outputs: list[CaptionOutput],
@@ -141,7 +159,8 @@ def log_captions(state: AppState, jobs: list[CaptionJob], outputs: list[CaptionO
     state.storage.append([
         CaptionRecord(checkpoint=job.checkpoint, fingerprint=job.stack.fingerprint, video_sha256=job.video_sha256,
                       caption=out.caption, num_tokens=out.num_tokens, siglip=out.score, text_emb=out.text_emb,
-                      video_emb=out.video_emb, timings_ms={"decode": job.decode_ms, **stages_ms, "batch": len(jobs)})
+                      video_emb=out.video_emb, timings_ms={"decode": job.decode_ms, **stages_ms, "batch": len(jobs)},
+                      decoding=effective(job.generation) | {"max_new_tokens": job.generation.max_new_tokens})
         for job, out in zip(jobs, outputs, strict=True)])
 
 
