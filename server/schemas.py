@@ -202,6 +202,8 @@ class EvaluationJob(BaseModel):
     limit: int | None
     num_frames: int | None
     references: str
+    max_new_tokens: int | None = None
+    decoding: dict[str, Any] = {}     # the decoding fields the job was asked for ({}: each checkpoint's defaults)
     progress: EvaluationProgress
     error: str | None           # why it failed or was cancelled
     attempts: int               # runs started: more than 1 when a restart interrupted it and it was resumed

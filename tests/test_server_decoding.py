@@ -6,9 +6,13 @@ from __future__ import annotations
 import json
 import sqlite3
 
+import pytest
 from fastapi.testclient import TestClient
 
+from capguard.models.decoding import DecodingRequest
+from capguard.models.evaluate import evaluate
 from capguard.server.app import create_app
+from capguard.server.cli import main
 from capguard.server.storage import CaptionLog
 from tests.test_server_batching import ADMIN, collapse_settings, force_one_caption, post, samples
 
@@ -93,3 +97,51 @@ def test_fallback_says_what_was_asked_and_why_and_counts_it(server_settings, vid
         counted = samples(client)
         assert counted[("capguard_fallbacks_total", (("requested", "runs/epoch-1"), ("served", "demo")))] == 2
         assert json.loads(json.dumps(r))["guard"]["checkpoint"] == "demo"   # the guard shown is the server's
+
+
+def test_cli_decoding_flags(checkpoints_root, video_files, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["caption", str(video_files[0]), "--temperature", "0.5"])
+    assert exit_.value.code == 2 and "temperature needs do_sample=true" in capsys.readouterr().err
+    argv = ["caption", str(video_files[0]), str(video_files[1]), "--checkpoint", str(checkpoints_root / "demo"),
+            "--no-score", "--device", "cpu", "--max-new-tokens", "5", "--do-sample", "--seed", "9"]
+    runs = []
+    for _ in range(2):
+        assert main(argv) == 0
+        runs.append([json.loads(line) for line in capsys.readouterr().out.splitlines()])
+    assert [r["decoding"]["seed"] for r in runs[0]] == [9, 9] and runs[0][0]["decoding"]["do_sample"] is True
+    assert [r["caption"] for r in runs[0]] == [r["caption"] for r in runs[1]]
+
+
+def test_evaluation_runs_decode_as_asked_and_reproducibly(checkpoints_root, video_files, tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for clip in video_files[:3]:
+        (videos / clip.name).write_bytes(clip.read_bytes())
+    options = {"max_new_tokens": 4, "progress_bar": False, "references": "none", "device": "cpu",
+               "decoding": DecodingRequest(do_sample=True, temperature=1.2, seed=2**64 - 2)}
+    reports = [evaluate([checkpoints_root / "demo"], videos, tmp_path / f"out{k}", **options) for k in range(2)]
+    assert reports[0]["run"]["decoding"] == {"do_sample": True, "temperature": 1.2, "seed": 2**64 - 2}
+    rows = [[json.loads(line) for line in (tmp_path / f"out{k}" / "captions.jsonl").open()] for k in range(2)]
+    assert [r["seed"] for r in rows[0]] == [2**64 - 2, 2**64 - 1, 0]    # video i: seed + i, mod 2**64
+    assert [r["caption"] for r in rows[0]] == [r["caption"] for r in rows[1]]
+
+
+def test_evaluation_jobs_take_decoding_fields(server_settings, tmp_path, video_files):
+    root = tmp_path / "datasets"
+    (root / "clips").mkdir(parents=True)
+    (root / "clips" / "a.mp4").write_bytes(video_files[0].read_bytes())
+    settings = server_settings(admin_token=ADMIN, datasets_root=root)
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    with TestClient(create_app(settings)) as client:
+        body = {"checkpoints": ["demo"], "dataset": "clips"}
+        r = client.post("/evaluations", json={**body, "temperature": 0.5}, headers=auth)
+        assert r.status_code == 422 and "temperature needs do_sample=true" in r.json()["error"]["message"]
+        r = client.post("/evaluations", json={**body, "do_sample": True, "num_beams": 2}, headers=auth)
+        assert r.status_code == 422 and "num_beams=2 with do_sample=true" in r.json()["error"]["message"]
+        r = client.post("/evaluations", json={**body, "do_sample": True, "top_k": 5, "max_new_tokens": 3},
+                        headers=auth)
+        assert r.status_code == 202, r.text
+        job = r.json()
+        assert job["decoding"] == {"do_sample": True, "top_k": 5} and job["max_new_tokens"] == 3
+        assert client.post(f"/evaluations/{job['id']}/cancel", headers=auth).status_code in (200, 409)
