@@ -175,7 +175,8 @@ def observe(guard: Guard, job: CaptionJob, out: CaptionOutput) -> GuardState:
 
 def record(state: AppState, name: str, outputs: list[CaptionOutput], states: list[GuardState],
            stages: dict[str, float]) -> None:
-    """The batch's metrics: stage durations, captions and tokens, scores, the guard gauges and trips."""
+    """The batch's metrics: stage durations, captions and tokens, scores, the guard gauges and trips, and the
+    guard history the page's chart draws."""
     metrics = state.metrics
     for stage, seconds in stages.items():
         metrics.stage_seconds.labels(stage).observe(seconds)
@@ -185,3 +186,4 @@ def record(state: AppState, name: str, outputs: list[CaptionOutput], states: lis
         if out.score is not None:
             metrics.siglip.labels(name).observe(out.score)
         metrics.observe_guard(name, guard_state)
+        state.history.add(name, guard_state)

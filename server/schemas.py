@@ -131,6 +131,38 @@ class Fallback(BaseModel):
     reason: list[str]           # its guard rules tripped at the time (e.g. ["unique_ratio", "grounding_r1"])
 
 
+class GuardPoint(BaseModel):
+    """The guard of one checkpoint after a caption (server/history.py); figures 0-1, null when unavailable."""
+
+    t: float                    # unix seconds
+    captions_seen: int          # captions this checkpoint served since the server started (0: restored)
+    window_captions: int
+    status: Literal["warming_up", "ok", "collapsed"]
+    tripped: list[str]
+    unique_ratio: float | None
+    near_unique_ratio: float | None
+    top_mode_share: float | None
+    grounding_r1: float | None
+    siglip_mean: float | None
+    repeat_probability: float | None
+
+
+class RuleLine(BaseModel):
+    figure: str                 # the figure the rule reads, e.g. "unique_ratio"
+    kind: Literal["min", "max"]   # min: trips below the value; max: trips above it
+    value: float
+
+
+class GuardHistoryInfo(BaseModel):
+    """GET /checkpoints/{name}/guard/history: the figures over time and the rule lines to draw with them."""
+
+    checkpoint: str
+    every: int                  # captions per point
+    figures: list[str]          # the figure names each point carries
+    points: list[GuardPoint]    # oldest first; the last `history_points` only
+    rules: list[RuleLine]
+
+
 class CaptionResponse(BaseModel):
     caption: str
     checkpoint: str             # the checkpoint that wrote it (the fallback one under collapse_policy=fallback)

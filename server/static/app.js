@@ -1,7 +1,7 @@
 // capguard's page: caption an upload, watch the active checkpoint's guard, list evaluations.
 //
 // It speaks only the JSON API of its own origin (POST /caption, GET /checkpoints,
-// GET /checkpoints/{name}/guard, GET /evaluations). Captions are untrusted (a model wrote them, maybe a
+// GET /checkpoints/{name}/guard, GET /evaluations; chart.js: GET /checkpoints/{name}/guard/history). Captions are untrusted (a model wrote them, maybe a
 // collapsed one), so every string from the server goes into the page as text: el() and textContent,
 // never innerHTML. The server's Content-Security-Policy forbids inline script on top of that.
 "use strict";
@@ -267,6 +267,7 @@ async function refreshLive() {
     if (!active) {
       target.replaceChildren(el("p", { class: "muted", text: "no active checkpoint" }));
     } else {
+      if (window.capguardChart) window.capguardChart.refreshChart(active.name);   // chart.js
       const guard = await activeGuard(active);
       if (guard) renderGuard(target, guard);
       else if (active.guard_status) target.replaceChildren(el("p", {}, [badge(active.guard_status)]));
