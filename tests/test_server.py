@@ -82,7 +82,7 @@ def test_caption_answers_with_every_field(client, video_files, tmp_dir_empty):
     assert r.status_code == 200, r.text
     body = r.json()
     assert set(body) == {"caption", "checkpoint", "fingerprint", "video_sha256", "frames", "scores", "guard",
-                         "timings_ms"}
+                         "timings_ms", "decoding", "fallback"}
     assert body["checkpoint"] == "demo" and len(body["fingerprint"]) == 64
     assert body["video_sha256"] == hashlib.sha256(data).hexdigest()
     assert body["frames"]["count"] == 8 and body["frames"]["indices"] == sample_indices(18, 8)
