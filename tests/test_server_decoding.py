@@ -4,7 +4,9 @@ and collapse_policy=fallback saying what happened (issue 15, sections 1 and 4)."
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
+import subprocess
 
 import pytest
 from fastapi.testclient import TestClient
@@ -96,6 +98,10 @@ def test_fallback_says_what_was_asked_and_why_and_counts_it(server_settings, vid
         post(client, video_files[4], max_new_tokens=2)
         counted = samples(client)
         assert counted[("capguard_fallbacks_total", (("requested", "runs/epoch-1"), ("served", "demo")))] == 2
+        if shutil.which("promtool"):
+            check = subprocess.run(["promtool", "check", "metrics"], input=client.get("/metrics").text,
+                                   capture_output=True, text=True, timeout=60)
+            assert check.returncode == 0, check.stdout + check.stderr
         assert json.loads(json.dumps(r))["guard"]["checkpoint"] == "demo"   # the guard shown is the server's
 
 
