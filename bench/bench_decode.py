@@ -4,7 +4,7 @@
     .venv/bin/python bench/bench_decode.py --4k --repeats 5      # adds 3840x2160 clips
     .venv/bin/python bench/bench_decode.py --quick               # small videos only (CI smoke test)
 
-Videos come from tests/videomaker.py (each frame shows its own index, so every backend's frames are
+Videos come from bench/videomaker.py (each frame shows its own index, so every backend's frames are
 checked: ``read_index(frame) == index``), encoded once with each encoder's default keyframe interval
 and cached in ``--video-dir``. Per video, 8 frames at ``--max-side`` (128: the demo stack's frame_side)
 with:
@@ -33,7 +33,7 @@ import av  # before decord (models/video/ package docstring)
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path.insert(0, str(REPO))   # this tree's capguard; videomaker is this folder's
 
 from videomaker import av1_encoder, make_video, read_index  # noqa: E402
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -49,6 +48,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))   # this tree's models/ and server/, also when another tree is pip-installed
+
+from serving import free_port, wait_ready  # noqa: E402  (one home for starting a server: bench/serving.py)
+
 DEFAULT_MANIFEST = REPO / "samples" / "val" / "val.jsonl"
 
 
@@ -194,12 +196,6 @@ def naive_runner(checkpoint: Path, device: str) -> tuple[Callable[..., Run],
             lambda paths, batch: thread.submit(model, paths, batch).result())
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass(frozen=True)
 class Variant:
     """A server to measure: this tree's by default, or another source tree's, with extra environment."""
@@ -228,8 +224,6 @@ def parse_variant(text: str) -> Variant:
 
 def start_server(checkpoint: Path, data_dir: Path, device: str, threads: int,
                  log_path: Path, variant: Variant = Variant("server")) -> tuple[subprocess.Popen, str]:
-    import httpx
-
     port = free_port()
     env = {**os.environ, "CAPGUARD_DATA_DIR": str(data_dir), "CAPGUARD_DEVICE": device, "HF_HUB_OFFLINE": "1",
            "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
@@ -239,18 +233,8 @@ def start_server(checkpoint: Path, data_dir: Path, device: str, threads: int,
                                     "--checkpoint", str(checkpoint.resolve())],
                                    env=env, stdout=log, stderr=subprocess.STDOUT, cwd=variant.tree)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"capguard serve exited ({process.returncode}); see {log_path}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    process.kill()
-    raise SystemExit(f"capguard serve not ready in 300 s; see {log_path}")
+    wait_ready(url, process, 300, log_tail=lambda: f"see {log_path}", poll_s=0.5)
+    return process, url
 
 
 def batch_stats(client, url: str) -> tuple[float, float]:

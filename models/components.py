@@ -172,7 +172,8 @@ def init_checkpoint(out_dir: str | Path, projector_type: str = "mlp2x_gelu", siz
     write_open_clip_dir(clip, model_cfg, out_dir / "siglip", tokenizer=tokenizer)
     llm = build_llm(tokenizer, sizes)
     write_llm_dir(llm, tokenizer, out_dir / "llm")
-    projector = build_projector(projector_type, sizes.vision_width, sizes.llm_hidden, **(options or {}))
+    projector = build_projector(projector_type, sizes.vision_width, sizes.llm_hidden,
+                                (sizes.image_size // sizes.patch_size) ** 2, **(options or {}))
     return write_checkpoint(out_dir, projector, projector_type, "siglip", "llm",
                             scorer=ScorerConfig(path="siglip", tokenizer="siglip"), options=options,
                             info={"made_by": "capguard init-checkpoint", "seed": seed})

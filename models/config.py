@@ -25,14 +25,17 @@ class CheckpointError(ValueError):
 
 @dataclass
 class VisionConfig:
-    path: str                      # open_clip local dir (open_clip_config.json + weights), relative to the checkpoint
+    path: str                      # the tower's local dir, relative to the checkpoint
     select_layer: int = -2         # LLaVA default: the penultimate block's output keeps spatial detail
     select_feature: str = "patch"  # "patch" (drop CLS, LLaVA default) or "cls_patch"
+    # "open_clip" (open_clip_config.json + weights; the default, so older manifests stay valid) or
+    # "transformers" (CLIPVisionModel / SiglipVisionModel save_pretrained dir + preprocessor_config.json)
+    type: str = "open_clip"
 
 
 @dataclass
 class ProjectorConfig:
-    type: str                      # "linear" | "mlp2x_gelu" | "c-abstractor": rebuilds the module, no guessing
+    type: str                      # capguard.models.projector.PROJECTOR_TYPES: rebuilds the module, no guessing
     weights: str = "projector.safetensors"   # safetensors (or a LLaVA mm_projector.bin), relative path
     options: dict[str, Any] = field(default_factory=dict)  # c-abstractor: num_queries, num_heads, dropout
 
@@ -106,6 +109,8 @@ class CheckpointConfig:
             raise CheckpointError(f"{where}: {exc}") from exc
         if config.vision.select_feature not in ("patch", "cls_patch"):
             raise CheckpointError(f"{where}: vision.select_feature must be 'patch' or 'cls_patch'")
+        if config.vision.type not in ("open_clip", "transformers"):
+            raise CheckpointError(f"{where}: vision.type must be 'open_clip' or 'transformers'")
         return config
 
     @classmethod

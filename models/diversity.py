@@ -1,6 +1,6 @@
 """Diversity and collapse metrics: the one implementation behind the live guard, evaluation and training.
 
-The field report (../shared/seed/) taught four things, and each has a metric here:
+The field report (docs/field-report.en.md) taught four things, and each has a metric here:
 - hard collapse (97 videos, 1 distinct caption) -> ``unique_ratio`` on normalized captions;
 - near-duplicate collapse (epochs 5-6: "...낮의 풍경을..." vs "...낮의 광경을...") that exact matching
   misses -> ``cluster_near_duplicates`` / ``near_unique_ratio`` / ``top_mode_share``;

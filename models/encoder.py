@@ -80,6 +80,8 @@ class FramePreprocessor(nn.Module):
         self.size = (size, size) if isinstance(size, int) else tuple(size)
         self.resize_mode = cfg.get("resize_mode", "shortest")
         self.interpolation = cfg.get("interpolation", "bicubic")
+        # transformers' image processors truncate the resized side (int), open_clip's config here rounds
+        self.floor = cfg.get("resize_rounding", "round") == "floor"
         self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.5, 0.5, 0.5))).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.get("std", (0.5, 0.5, 0.5))).view(1, 3, 1, 1), persistent=False)
 
@@ -94,7 +96,10 @@ class FramePreprocessor(nn.Module):
             new_h, new_w = th, tw
         else:  # "shortest": cover the crop then centre-crop; "longest": fit inside then pad
             scale = max(th / h, tw / w) if self.resize_mode == "shortest" else min(th / h, tw / w)
-            new_h, new_w = round(h * scale), round(w * scale)
+            if self.floor:   # + 1e-6: 90 * (56 / 90) is 55.99999... in floating point, and must stay 56
+                new_h, new_w = int(h * scale + 1e-6), int(w * scale + 1e-6)
+            else:
+                new_h, new_w = round(h * scale), round(w * scale)
         if (new_h, new_w) != (h, w):
             mode = "bicubic" if self.interpolation == "bicubic" else "bilinear"
             x = F.interpolate(x, size=(new_h, new_w), mode=mode, antialias=True, align_corners=False).clamp_(0, 1)

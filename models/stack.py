@@ -21,7 +21,7 @@ import torch.nn as nn
 from capguard.models.captioner import Captioner, static_cache_options
 from capguard.models.config import MANIFEST_NAME, CheckpointConfig, CheckpointError, GenerationConfig
 from capguard.models.encoder import FramePreprocessor, VisionEncoder, frames_to_tensor, load_open_clip
-from capguard.models.projector import build_projector, strip_llava_prefix
+from capguard.models.projector import build_projector, projector_state_dict
 from capguard.models.scorer import Scorer, load_tokenizer
 from capguard.models.weights import fingerprint, load_strict, read_state_dict, weight_files
 
@@ -51,6 +51,7 @@ class ComponentCache:
     """Loaded open_clip models, LLMs and file fingerprints, keyed by resolved path (and device)."""
     open_clip: dict = field(default_factory=dict)
     llms: dict = field(default_factory=dict)
+    towers: dict = field(default_factory=dict)     # transformers vision towers
     hashes: dict = field(default_factory=dict)
 
     def clip_model(self, path: Path, device: torch.device, dtype: torch.dtype):
@@ -59,6 +60,15 @@ class ComponentCache:
             model, cfg = load_open_clip(path)
             self.open_clip[key] = (model.to(device=device, dtype=dtype), cfg)
         return self.open_clip[key]
+
+    def tower(self, path: Path, device: torch.device, dtype: torch.dtype):
+        key = (path, device, dtype)
+        if key not in self.towers:
+            from capguard.models.hf_vision import load_tower
+
+            model, cfg = load_tower(path, dtype)
+            self.towers[key] = (model.to(device), cfg)
+        return self.towers[key]
 
     def llm(self, path: Path, device: torch.device, dtype: torch.dtype):
         key = (path, device, dtype)
@@ -238,14 +248,16 @@ def resolve(directory: Path, relative: str, what: str) -> Path:
     return path
 
 
-def load_projector(config: CheckpointConfig, path: Path, vision_dim: int, llm_dim: int) -> nn.Module:
+def load_projector(config: CheckpointConfig, path: Path, vision_dim: int, llm_dim: int,
+                   tokens_per_frame: int | None = None) -> nn.Module:
     try:
-        projector = build_projector(config.projector.type, vision_dim, llm_dim, **config.projector.options)
+        projector = build_projector(config.projector.type, vision_dim, llm_dim, tokens_per_frame,
+                                    **config.projector.options)
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"projector: {exc}") from exc
-    state = read_state_dict(path)
-    if path.suffix != ".safetensors":  # LLaVA's mm_projector.bin and friends
-        state = strip_llava_prefix(state)
+    # LLaVA's mm_projector.bin and Honeybee's abstractor.* keys -> ours
+    state = projector_state_dict(config.projector.type, read_state_dict(path), path.suffix == ".safetensors",
+                                 tokens_per_frame)
     load_strict(projector, state, str(path))
     return projector
 
@@ -259,24 +271,34 @@ def load_stack(directory: str | Path, device: str = "auto", cache: ComponentCach
     dtype = pick_dtype(config.llm.dtype, dev)
 
     vision_path = resolve(directory, config.vision.path, "vision")
-    clip_model, preprocess_cfg = cache.clip_model(vision_path, dev, dtype)
-    encoder = VisionEncoder(clip_model.visual, preprocess_cfg, config.vision.select_layer,
-                            config.vision.select_feature).to(dev)
+    if config.vision.type == "transformers":
+        from capguard.models.hf_vision import HFVisionEncoder
+
+        tower, preprocess_cfg = cache.tower(vision_path, dev, dtype)
+        encoder = HFVisionEncoder(tower, preprocess_cfg, config.vision.select_layer, config.vision.select_feature)
+        visual, vision_files = tower, weight_files(vision_path)
+    else:
+        clip_model, preprocess_cfg = cache.clip_model(vision_path, dev, dtype)
+        encoder = VisionEncoder(clip_model.visual, preprocess_cfg, config.vision.select_layer,
+                                config.vision.select_feature)
+        visual, vision_files = clip_model.visual, _clip_weights(vision_path)
+    encoder = encoder.to(dev)
     llm_path = resolve(directory, config.llm.path, "llm")
     llm, tokenizer = cache.llm(llm_path, dev, dtype)
     projector_path = resolve(directory, config.projector.weights, "projector weights")
-    projector = load_projector(config, projector_path, encoder.width, llm.get_input_embeddings().embedding_dim)
+    projector = load_projector(config, projector_path, encoder.width, llm.get_input_embeddings().embedding_dim,
+                               encoder.tokens_per_frame)
     captioner = Captioner(encoder, projector.to(device=dev, dtype=dtype).eval(), llm, tokenizer, config.prompt)
     captioner.prefix_ids, captioner.suffix_ids = captioner.prefix_ids.to(dev), captioner.suffix_ids.to(dev)
 
-    files = [*_clip_weights(vision_path), projector_path, *weight_files(llm_path)]
+    files = [*vision_files, projector_path, *weight_files(llm_path)]
     scorer = scorer_preprocess = None
     if with_scorer and config.scorer is not None:
         scorer_path = resolve(directory, config.scorer.path, "scorer")
         tok_dir = resolve(directory, config.scorer.tokenizer, "scorer tokenizer") if config.scorer.tokenizer else None
         scorer_model, scorer_cfg = cache.clip_model(scorer_path, dev, dtype)
         scorer = Scorer(scorer_model, load_tokenizer(scorer_path, tok_dir, scorer_model.context_length))
-        if scorer_model.visual is not clip_model.visual:
+        if scorer_model.visual is not visual:
             scorer_preprocess = FramePreprocessor(scorer_cfg).to(dev)
         files += _clip_weights(scorer_path)
     digest = _combined(cache, files)

@@ -274,7 +274,7 @@ def train_captioner(cfg: TrainConfig, shared: Path, encoder: VisionEncoder, llm,
     out.mkdir(parents=True, exist_ok=True)
     save_dtype = getattr(torch, cfg.save_dtype)
     projector = build_projector(cfg.projector, encoder.width, llm.get_input_embeddings().embedding_dim,
-                                **cfg.projector_options)
+                                encoder.tokens_per_frame, **cfg.projector_options)
     captioner = Captioner(encoder, projector, llm, tokenizer, "<video>\n")
     targets = [tokenizer(r["caption"], add_special_tokens=False)["input_ids"] for r in train_rows]
     val_targets = [tokenizer(r["caption"], add_special_tokens=False)["input_ids"] for r in val_rows]

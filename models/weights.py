@@ -54,8 +54,9 @@ def save_state_dict(module_or_state: nn.Module | dict[str, torch.Tensor], path: 
     return path
 
 
-def load_strict(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """Load ``state`` into ``module``; raise CheckpointError naming every incompatibility.
+def load_strict(module: nn.Module, state: dict[str, torch.Tensor], where: str, assign: bool = False) -> None:
+    """Load ``state`` into ``module``; raise CheckpointError naming every incompatibility. ``assign`` hands the
+    tensors over instead of copying (a module built on the meta device; capguard.models.importer).
 
     Example: a projector built for 512->256 given a 512->128 weight raises
     "projector.safetensors: shape mismatch: 0.weight checkpoint (128, 512) vs model (256, 512)".
@@ -74,7 +75,7 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], where: str) -
         problems.append(f"shape mismatch: {_short(mismatched)}")
     if problems:
         raise CheckpointError(f"{where}: " + "; ".join(problems))
-    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True, assign=assign)
 
 
 def _short(items: list[str], limit: int = 8) -> str:

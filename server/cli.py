@@ -1,4 +1,4 @@
-"""The ``capguard`` command line: serve, caption, evaluate, train, make-videos, init-checkpoint.
+"""The ``capguard`` command line: serve, caption, evaluate, train, make-videos, init-checkpoint, import.
 
 Each subcommand imports what it needs when it runs, so ``capguard caption`` never loads the web
 stack and ``capguard --help`` is instant.
@@ -18,6 +18,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CHECKPOINT = REPO_ROOT / "checkpoints" / "demo"
+# capguard.models.projector's types and alias, spelled out so --help does not import torch
+PROJECTORS = ["linear", "mlp2x_gelu", "c-abstractor", "resampler", "honeybee-c-abstractor"]
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -240,6 +242,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from capguard.models.importer import import_llava
+
+    path = import_llava(args.source, args.out, prompt=args.prompt, instruction=args.instruction,
+                        scorer=args.scorer, num_frames=args.num_frames, force=args.force)
+    print(json.dumps({"checkpoint": str(path)}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="capguard", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -265,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init-checkpoint", help="write a tiny random-init stack (tests, wiring your own parts)")
     p.add_argument("directory")
-    p.add_argument("--projector", default="mlp2x_gelu", choices=["linear", "mlp2x_gelu", "c-abstractor"])
+    p.add_argument("--projector", default="mlp2x_gelu", choices=PROJECTORS)
     p.add_argument("--options", help='projector options as JSON, e.g. \'{"num_queries": 16}\'')
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_init_checkpoint)
@@ -277,6 +288,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--relink", metavar="OLD=NEW", help="point components under OLD at the same files under NEW")
     p.add_argument("--guard", help='guard thresholds for this checkpoint as JSON, e.g. \'{"near_dup_threshold": 0.97}\'')
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="convert a LLaVA-style transformers checkpoint into a capguard checkpoint")
+    p.add_argument("source", help="LlavaForConditionalGeneration / LlavaOnevisionForConditionalGeneration dir")
+    p.add_argument("--out", required=True, help="the capguard checkpoint directory to write")
+    p.add_argument("--prompt", help="the whole prompt, with <image> or <video> where the frames go "
+                                    "(default: the chat template rendered for --instruction)")
+    p.add_argument("--instruction", help='the user turn for the chat template (default "Describe this video.")')
+    p.add_argument("--scorer", help="an open_clip SigLIP/CLIP dir to score captions with")
+    p.add_argument("--num-frames", type=_at_least(1), default=8)
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("make-videos", help="render the synthetic building videos + JSONL manifests")
     p.add_argument("--out", required=True)
@@ -311,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dir with train.jsonl and val.jsonl")
     p.add_argument("--out", required=True, help="output root: shared/ components and <run>/epoch-N checkpoints")
     p.add_argument("--run", help="run name (default: the projector type)")
-    p.add_argument("--projector", default="mlp2x_gelu", choices=["linear", "mlp2x_gelu", "c-abstractor"])
+    p.add_argument("--projector", default="mlp2x_gelu", choices=PROJECTORS)
     p.add_argument("--options", help="projector options as JSON")
     p.add_argument("--lang", default="ko", choices=["ko", "en"])
     p.add_argument("--seed", type=int, default=0)

@@ -2,7 +2,7 @@
 
 Every caption the server writes is ``observe``d by its checkpoint's ``Guard``. The guard keeps the captions
 of the last ``window`` *distinct* videos, and once it holds ``min_captions`` of them it says ``ok`` or
-``collapsed`` by the rules of DESIGN.md (``capguard.models.rules.tripped_rules``): exact unique ratio, near-duplicate
+``collapsed`` by the rules of docs/guard.md (``capguard.models.rules.tripped_rules``): exact unique ratio, near-duplicate
 unique ratio, top mode share, and grounding R@1 (caption -> own video among the window's videos, on the
 scorer's embeddings). All figures come from ``capguard.models.diversity``; nothing here re-implements a metric.
 

@@ -1,4 +1,4 @@
-"""Every request and response body of the HTTP API (DESIGN.md "HTTP API"), in one place."""
+"""Every request and response body of the HTTP API (docs/api.md), in one place."""
 
 from __future__ import annotations
 

@@ -36,6 +36,7 @@ def table_rows(stdout: str, header_start: str) -> list[list[str]]:
     return rows
 
 
+@pytest.mark.slow   # a fresh interpreter (torch, transformers): 14-140 s on 2 busy cores
 def test_gpu_bench_tiny_prints_one_row_per_projector():
     stdout = run("gpu_bench.py", "--tiny", "--repeats", "1")
     assert stdout.startswith("device CPU")
@@ -48,6 +49,7 @@ def test_gpu_bench_tiny_prints_one_row_per_projector():
     assert [int(r[1]) for r in rows] == [32, 32, 8]
 
 
+@pytest.mark.slow   # a fresh interpreter (torch, transformers): 14-140 s on 2 busy cores
 def test_gpu_bench_plan_has_the_field_report_shapes():
     """--plan builds the full stack on the meta device (no memory, no GPU): LLaMA-2-7B-sized, 576 patches
     per frame, 8 frames = 4608 visual tokens (+ BOS and the newline), 64 C-Abstractor queries."""
@@ -71,11 +73,8 @@ def test_bench_decode_quick_checks_every_backend(tmp_path):
 
 
 def test_bench_server_helpers():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench_server
-    finally:
-        sys.path.remove(str(BENCH))
+    import bench_server  # bench/ is on pytest's pythonpath (pyproject.toml)
+
     assert bench_server.differing({"a": "x", "b": "y"}, {"a": "x", "b": "z"}) == ["b"]
     assert bench_server.differing({"a": "x"}, {}) == ["a"]
     cpu = bench_server.process_cpu_s(os.getpid(), with_children=False)
@@ -103,6 +102,7 @@ def test_bench_server_compares_captions_with_the_naive_loop():
     assert "throughput / naive loop: c1" in stdout
 
 
+@pytest.mark.slow   # a fresh interpreter (torch, transformers): 14-140 s on 2 busy cores
 @needs_demo
 def test_cpu_limits_prints_each_stage_against_the_matmul_peak():
     stdout = run("bench_cpu_limits.py", "--batches", "2", "--repeats", "1")

@@ -20,6 +20,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300, env=ENV)
 
 
+@pytest.mark.slow   # a fresh interpreter (torch, transformers): 14-140 s on 2 busy cores
 def test_init_checkpoint_then_caption_prints_json_lines(tmp_path):
     ckpt = tmp_path / "stack"
     made = run("init-checkpoint", str(ckpt), "--projector", "c-abstractor", "--options", '{"num_queries": 4}')
@@ -42,6 +43,7 @@ def test_init_checkpoint_then_caption_prints_json_lines(tmp_path):
     assert by_video[str(bad)]["error"]["code"] == "not_a_video"
 
 
+@pytest.mark.slow   # a fresh interpreter (torch, transformers): 14-140 s on 2 busy cores
 def test_bad_checkpoint_is_one_clear_line(tmp_path):
     result = run("caption", "x.mp4", "--checkpoint", str(tmp_path))
     assert result.returncode == 2

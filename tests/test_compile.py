@@ -45,6 +45,7 @@ def test_compiled_llm_gives_the_eager_tokens_for_any_batch_without_compiling_aga
     assert stats.get("unique_graphs", 0) == 0, stats
 
 
+@pytest.mark.slow   # loads the demo stack and tries torch.compile: 13 s on 2 busy cores
 @pytest.mark.skipif(not (DEMO / "capguard.json").is_file(), reason="needs the shipped demo checkpoint")
 def test_a_failed_compile_leaves_the_llm_eager_and_serving(monkeypatch, caplog):
     import capguard.models.stack

@@ -34,29 +34,8 @@ from capguard.models.evaluate import (
 from capguard.models.report import render_html
 
 # ---------------------------------------------------------------------------------------------------
-# Fixtures: two tiny random-init stacks (one private, one sharing the first one's encoder and LLM) and a
+# Fixtures: run_stacks (conftest: a training run of tiny random-init stacks) and a
 # 3-video make-videos manifest plus one file that is not a video.
-
-
-@pytest.fixture(scope="module")
-def stacks(tmp_path_factory) -> dict[str, Path]:
-    from capguard.models.components import TinySizes, init_checkpoint, write_checkpoint
-    from capguard.models.config import ScorerConfig
-    from capguard.models.projector import build_projector
-
-    root = tmp_path_factory.mktemp("runs")
-    first = init_checkpoint(root / "run" / "epoch-1", "mlp2x_gelu", seed=0)
-    sizes = TinySizes()
-    projector = build_projector("linear", sizes.vision_width, sizes.llm_hidden)
-    # like a training epoch: its own projector, the encoder/scorer and LLM of another dir by relative path
-    shared = ScorerConfig(path="../epoch-1/siglip", tokenizer="../epoch-1/siglip")
-    second = write_checkpoint(root / "run" / "epoch-2", projector, "linear", "../epoch-1/siglip",
-                              "../epoch-1/llm", scorer=shared)
-    manifest = second / "capguard.json"   # its own guard section, as the server honours it
-    config = {**json.loads(manifest.read_text()), "guard": {"near_dup_threshold": 0.98}}
-    manifest.write_text(json.dumps(config))
-    staged = init_checkpoint(root / "staging" / "epoch-3", "linear", seed=3)
-    return {"first": first, "second": second, "staged": staged, "root": root}
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +251,7 @@ def test_load_dataset(manifest, tmp_path):
         load_dataset(tmp_path / "missing")
 
 
-def test_evaluate_writes_one_report(stacks, manifest, tmp_path, monkeypatch):
+def test_evaluate_writes_one_report(run_stacks, manifest, tmp_path, monkeypatch):
     import capguard.models.stack
     from capguard.models.evaluate.runner import _sample
 
@@ -285,7 +264,7 @@ def test_evaluate_writes_one_report(stacks, manifest, tmp_path, monkeypatch):
         return _sample(path, num_frames, side)
 
     out = tmp_path / "out"
-    report = evaluate([stacks["first"], stacks["second"]], manifest, out,
+    report = evaluate([run_stacks["first"], run_stacks["second"]], manifest, out,
                       lambda done, total: progress.append((done, total)), max_new_tokens=4, batch_size=2,
                       progress_bar=False, frame_loader=loader)
     assert [r["name"] for r in report["checkpoints"]] == ["epoch-1", "epoch-2"]
@@ -322,9 +301,9 @@ def _rows(out: Path) -> list[dict]:
         return []
 
 
-def test_watch_picks_up_a_checkpoint_written_after_start(stacks, manifest, tmp_path):
+def test_watch_picks_up_a_checkpoint_written_after_start(run_stacks, manifest, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(stacks["first"], run / "epoch-1")
+    shutil.copytree(run_stacks["first"], run / "epoch-1")
     (run / "epoch-2").mkdir()
     (run / "epoch-2" / "capguard.json").write_text("{")      # a broken checkpoint: reported, then skipped
     out = tmp_path / "out"
@@ -338,7 +317,7 @@ def test_watch_picks_up_a_checkpoint_written_after_start(stacks, manifest, tmp_p
         _wait_for(lambda: len(_rows(out)) == 1)
         first_row = _rows(out)[0]
         assert find_checkpoints(run) == [run / "epoch-1", run / "epoch-2"]
-        shutil.copytree(stacks["staged"], run / "epoch-3")          # written while the watcher polls
+        shutil.copytree(run_stacks["staged"], run / "epoch-3")          # written while the watcher polls
         thread.join(timeout=120)
         assert not thread.is_alive()
     finally:
@@ -369,9 +348,9 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
 @pytest.mark.slow
-def test_cli_evaluate_end_to_end(stacks, manifest, tmp_path):
+def test_cli_evaluate_end_to_end(run_stacks, manifest, tmp_path):
     out = tmp_path / "cli-out"
-    result = subprocess.run([*CLI, "evaluate", "--checkpoints", str(stacks["first"]), str(stacks["staged"]),
+    result = subprocess.run([*CLI, "evaluate", "--checkpoints", str(run_stacks["first"]), str(run_stacks["staged"]),
                              "--videos", str(manifest), "--out", str(out), "--max-new-tokens", "4",
                              "--limit", "3", "--batch-size", "2"],
                             capture_output=True, text=True, timeout=300, env=ENV)
@@ -385,7 +364,7 @@ def test_cli_evaluate_end_to_end(stacks, manifest, tmp_path):
     assert report["dataset"]["n_videos"] == 3 and len(report["checkpoints"]) == 2
     assert (out / "report.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
 
-    misuse = subprocess.run([*CLI, "evaluate", "--checkpoints", str(stacks["first"]), "--videos",
+    misuse = subprocess.run([*CLI, "evaluate", "--checkpoints", str(run_stacks["first"]), "--videos",
                              str(manifest), "--out", str(out), "--once"],
                             capture_output=True, text=True, timeout=120, env=ENV)
     assert misuse.returncode == 2 and "--watch" in misuse.stderr

@@ -2,7 +2,7 @@
 
 Jobs really run (a child process per job), so the job tests are marked slow: each start imports torch
 (a few seconds). A job that must stay "running" reads a data set whose first video makes the test
-decoder (tests/test_server_hooks.py, the server's ``decoder`` setting) sleep for an hour.
+decoder (bench/fault_decoder.py, the server's ``decoder`` setting) sleep for an hour.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import error_of
 from fastapi.testclient import TestClient
+from fault_decoder import HANG
 from prometheus_client.parser import text_string_to_metric_families
-from test_server_hooks import HANG
 from test_ui import browser  # noqa: F401 - the headless Chromium fixture
 
 from capguard.server.app import create_app
@@ -61,21 +62,9 @@ def datasets(tmp_path_factory, video_files) -> Path:
 
 
 @pytest.fixture(scope="module")
-def app(server_settings, datasets):
-    return create_app(server_settings(decoder="test_server_hooks:decoder", admin_token=ADMIN,
-                                      datasets_root=datasets, evaluation_max_checkpoints=2,
-                                      evaluation_max_videos=3))
-
-
-@pytest.fixture(scope="module")
-def client(app):
-    with TestClient(app) as c:
-        yield c
-
-
-def error_of(response, status: int) -> dict:
-    assert response.status_code == status, response.text
-    return response.json()["error"]
+def app_overrides(datasets):
+    return {"decoder": "fault_decoder:decoder", "admin_token": ADMIN, "datasets_root": datasets,
+            "evaluation_max_checkpoints": 2, "evaluation_max_videos": 3}
 
 
 def metric_samples(client) -> dict[tuple, float]:
@@ -299,7 +288,7 @@ def test_a_job_that_fails_says_why(client):
 
 @pytest.mark.slow
 def test_a_job_cut_by_a_restart_is_resumed(server_settings, datasets):
-    settings = server_settings(decoder="test_server_hooks:decoder", datasets_root=datasets)
+    settings = server_settings(decoder="fault_decoder:decoder", datasets_root=datasets)
     with TestClient(create_app(settings)) as client:
         r = client.post("/evaluations", json={"checkpoints": ["demo"], "dataset": "hang"})
         assert r.status_code == 202, r.text
@@ -307,7 +296,7 @@ def test_a_job_cut_by_a_restart_is_resumed(server_settings, datasets):
         wait_for(client, job_id, {"running"})
     # the app stopped with the job running (its process was stopped); a new app on the same data dir
     # resumes it, and this one's time limit then fails it
-    settings = server_settings(decoder="test_server_hooks:decoder", datasets_root=datasets,
+    settings = server_settings(decoder="fault_decoder:decoder", datasets_root=datasets,
                                data_dir=settings.data_dir, evaluation_timeout_s=1.0)
     with TestClient(create_app(settings)) as client:
         job = wait_for(client, job_id, {"failed", "succeeded", "cancelled"}, timeout_s=30)

@@ -14,19 +14,12 @@ import pytest
 import torch
 
 from capguard.models.captioner import IGNORE_INDEX
-from capguard.models.components import init_checkpoint
 from capguard.models.config import CheckpointConfig, CheckpointError
 from capguard.models.projector import build_projector
 from capguard.models.stack import ComponentCache, load_stack
 from capguard.models.weights import read_state_dict, save_state_dict
 
 PROJECTORS = ["linear", "mlp2x_gelu", "c-abstractor"]
-
-
-@pytest.fixture(scope="session")
-def stacks(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stacks")
-    return {p: init_checkpoint(root / p, p, seed=1) for p in PROJECTORS}
 
 
 def sensitize(stack, seed: int = 0):
@@ -52,10 +45,10 @@ def videos(n: int, frames: int = 8, seed: int = 0) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("projector", PROJECTORS)
-def test_save_load_round_trip_gives_identical_outputs(stacks, projector, tmp_path):
-    a = load_stack(stacks[projector])
+def test_save_load_round_trip_gives_identical_outputs(projector_stacks, projector, tmp_path):
+    a = load_stack(projector_stacks[projector])
     copy = tmp_path / "copy"
-    shutil.copytree(stacks[projector], copy)
+    shutil.copytree(projector_stacks[projector], copy)
     b = load_stack(copy)
     assert a.fingerprint == b.fingerprint          # renaming a checkpoint keeps its fingerprint
     clips = videos(2)
@@ -67,35 +60,35 @@ def test_save_load_round_trip_gives_identical_outputs(stacks, projector, tmp_pat
     assert all(0.0 <= o.score <= 1.0 for o in out_a)
 
 
-def test_fingerprint_changes_with_any_weight(stacks, tmp_path):
+def test_fingerprint_changes_with_any_weight(projector_stacks, tmp_path):
     copy = tmp_path / "changed"
-    shutil.copytree(stacks["linear"], copy)
+    shutil.copytree(projector_stacks["linear"], copy)
     state = read_state_dict(copy / "projector.safetensors")
     state["bias"] = state["bias"] + 1e-3
     save_state_dict(state, copy / "projector.safetensors")
-    assert load_stack(copy).fingerprint != load_stack(stacks["linear"]).fingerprint
+    assert load_stack(copy).fingerprint != load_stack(projector_stacks["linear"]).fingerprint
 
 
-def test_shared_components_are_loaded_once(stacks, tmp_path):
+def test_shared_components_are_loaded_once(projector_stacks, tmp_path):
     cache = ComponentCache()
     epoch = tmp_path / "epoch2"
     epoch.mkdir()
-    shutil.copy(stacks["linear"] / "projector.safetensors", epoch)
-    config = CheckpointConfig.load(stacks["linear"])
-    config.vision.path = config.llm.path = str(stacks["linear"] / "siglip")
-    config.llm.path = str(stacks["linear"] / "llm")
-    config.scorer.path = config.scorer.tokenizer = str(stacks["linear"] / "siglip")
+    shutil.copy(projector_stacks["linear"] / "projector.safetensors", epoch)
+    config = CheckpointConfig.load(projector_stacks["linear"])
+    config.vision.path = config.llm.path = str(projector_stacks["linear"] / "siglip")
+    config.llm.path = str(projector_stacks["linear"] / "llm")
+    config.scorer.path = config.scorer.tokenizer = str(projector_stacks["linear"] / "siglip")
     config.save(epoch)
-    a = load_stack(stacks["linear"], cache=cache)
+    a = load_stack(projector_stacks["linear"], cache=cache)
     b = load_stack(epoch, cache=cache)
     assert a.captioner.llm is b.captioner.llm
     assert a.captioner.encoder.visual is b.captioner.encoder.visual
     assert a.scorer_preprocess is None  # the scorer reuses the captioner's forward pass
 
 
-def test_strict_loading_names_the_problem(stacks, tmp_path):
+def test_strict_loading_names_the_problem(projector_stacks, tmp_path):
     bad = tmp_path / "bad"
-    shutil.copytree(stacks["mlp2x_gelu"], bad)
+    shutil.copytree(projector_stacks["mlp2x_gelu"], bad)
     state = read_state_dict(bad / "projector.safetensors")
     state["2.weight"] = state["2.weight"][:-1]        # shape mismatch
     del state["0.bias"]                                # missing
@@ -116,9 +109,9 @@ def test_strict_loading_names_the_problem(stacks, tmp_path):
     (lambda c: c.pop("vision"), "missing required section 'vision'"),
     (lambda c: c.update(guard={"near_dup": 0.9}), "unknown guard threshold"),
 ])
-def test_bad_manifests_fail_clearly(stacks, tmp_path, edit, needle):
+def test_bad_manifests_fail_clearly(projector_stacks, tmp_path, edit, needle):
     bad = tmp_path / "bad"
-    shutil.copytree(stacks["linear"], bad)
+    shutil.copytree(projector_stacks["linear"], bad)
     manifest = json.loads((bad / "capguard.json").read_text())
     edit(manifest)
     (bad / "capguard.json").write_text(json.dumps(manifest))
@@ -131,10 +124,10 @@ def test_missing_manifest(tmp_path):
         load_stack(tmp_path)
 
 
-def test_llava_mm_projector_bin_loads(stacks, tmp_path):
+def test_llava_mm_projector_bin_loads(projector_stacks, tmp_path):
     """A LLaVA-1.5 mm_projector.bin (keys model.mm_projector.0.weight ...) drops in as the projector."""
     llava = tmp_path / "llava"
-    shutil.copytree(stacks["mlp2x_gelu"], llava)
+    shutil.copytree(projector_stacks["mlp2x_gelu"], llava)
     ours = read_state_dict(llava / "projector.safetensors")
     torch.manual_seed(3)
     theirs = {f"model.mm_projector.{k}": torch.randn_like(v) for k, v in ours.items()}
@@ -162,9 +155,9 @@ def test_projector_builder():
 
 
 @pytest.mark.parametrize("projector", PROJECTORS)
-def test_batched_generation_equals_one_by_one(stacks, projector):
+def test_batched_generation_equals_one_by_one(projector_stacks, projector):
     """Left padding must not change any caption: mixed frame counts force padding for linear/MLP."""
-    stack = sensitize(load_stack(stacks[projector], with_scorer=False))
+    stack = sensitize(load_stack(projector_stacks[projector], with_scorer=False))
     clips = flat_videos([0, 180]) + flat_videos([250], frames=3)
     batched, _ = stack.caption(clips, max_new_tokens=[10, 6, 10])
     single = [stack.caption([c], max_new_tokens=[n])[0][0] for c, n in zip(clips, [10, 6, 10], strict=True)]
@@ -174,8 +167,8 @@ def test_batched_generation_equals_one_by_one(stacks, projector):
     assert batched[1].num_tokens <= 6
 
 
-def test_training_inputs_label_only_the_caption(stacks):
-    stack = load_stack(stacks["linear"], with_scorer=False)
+def test_training_inputs_label_only_the_caption(projector_stacks):
+    stack = load_stack(projector_stacks["linear"], with_scorer=False)
     cap = stack.captioner
     blocks = cap.visual_tokens(stack.pixels(videos(2, frames=2), cap.encoder.preprocess), [2, 2])
     visual = cap.project(blocks)
@@ -190,9 +183,9 @@ def test_training_inputs_label_only_the_caption(stacks):
     assert torch.isfinite(loss) and cap.projector.weight.grad is not None
 
 
-def test_scorer_prefers_the_caption_that_matches(stacks):
+def test_scorer_prefers_the_caption_that_matches(projector_stacks):
     """Scores are monotone in similarity: the caption whose embedding is the video's wins."""
-    stack = load_stack(stacks["linear"])
+    stack = load_stack(projector_stacks["linear"])
     scorer = stack.scorer
     texts = scorer.text_embeddings(["회색 건물", "a red hanok at night"])
     video = texts[1:2].repeat(2, 1)                    # a video that looks like caption 1
@@ -200,6 +193,7 @@ def test_scorer_prefers_the_caption_that_matches(stacks):
     assert scores[1] > scores[0]
 
 
+@pytest.mark.slow   # a fresh interpreter imports torch, transformers and open_clip: 30 s on 2 busy cores
 def test_importing_models_loads_no_web_stack():
     """Every module of capguard.models, found by listing the package (a new one is covered by itself),
     imports in a notebook or a training loop without fastapi, prometheus_client, uvicorn or the server."""
@@ -234,10 +228,10 @@ def test_validating_a_manifest_loads_no_metric_libraries():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_copy_checkpoint_keeps_shared_components_reachable(stacks, tmp_path):
+def test_copy_checkpoint_keeps_shared_components_reachable(projector_stacks, tmp_path):
     from capguard.models.components import copy_checkpoint
 
-    shared = stacks["linear"]
+    shared = projector_stacks["linear"]
     epoch = tmp_path / "runs" / "linear" / "epoch-1"
     epoch.mkdir(parents=True)
     shutil.copy(shared / "projector.safetensors", epoch)

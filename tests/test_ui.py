@@ -3,7 +3,7 @@
 The browser test drives a real `capguard serve` with Debian's chromium + chromium-driver through selenium
 (no driver download); it is skipped only when chromium is not installed (.ci/run installs it). Knobs for
 running it by hand against other stacks: CAPGUARD_UI_CHECKPOINT (a checkpoint directory; default: the
-tiny init_checkpoint "demo"), CAPGUARD_UI_VIDEO (a video file; default: a tests/videomaker clip) and
+tiny init_checkpoint "demo"), CAPGUARD_UI_VIDEO (a video file; default: a bench/videomaker clip) and
 CAPGUARD_UI_SCREENSHOT (where the screenshot goes; default: the test's tmp dir).
 """
 
@@ -87,10 +87,13 @@ def test_static_files_are_served_and_reference_no_other_origin(static_client, na
     assert re.search(r"https?://|@import|url\(", r.text) is None
 
 
+FONT_STACK = '"Noto Sans KR", "Noto Sans CJK KR", "Apple SD Gothic Neo", "Malgun Gothic", sans-serif'
+HANGUL = "한국어캡션"   # five syllables, each its own glyph in any real Korean face
+
+
 def test_fonts_list_korean_faces_first(static_client):
     css = static_client.get("/static/style.css").text
-    assert ('font-family: "Noto Sans CJK KR", "Nanum Gothic", "Apple SD Gothic Neo", "Malgun Gothic", sans-serif'
-            in css)
+    assert f"font-family: {FONT_STACK};" in css
 
 
 def test_script_never_parses_strings_as_markup():
@@ -275,3 +278,55 @@ def test_page_captions_an_upload_and_shows_the_guard(served, browser, tmp_path):
     assert driver.title == title
     if os.environ.get("CAPGUARD_UI_SCREENSHOT"):
         driver.save_screenshot(str(shot.with_name(f"{shot.stem}-collapsed{shot.suffix}")))
+
+
+def korean_font_families() -> set[str]:
+    """Families fontconfig says cover Korean, e.g. {"Noto Sans CJK KR", "Noto Serif CJK KR", ...}."""
+    listed = subprocess.run(["fc-list", ":lang=ko", "family"], capture_output=True, text=True, timeout=30).stdout
+    return {name.strip() for line in listed.splitlines() for name in line.split(",") if name.strip()}
+
+
+@pytest.mark.slow
+def test_hangul_renders_in_a_real_font_not_boxes(browser, tmp_path):
+    """The page's own stylesheet in Chromium: Hangul must come out as glyphs of a Korean face (Debian's
+    fonts-noto-cjk, which .ci/run installs), not as the missing-glyph box. Two independent checks: the
+    font Chromium actually used for the text (DevTools' CSS.getPlatformFontsForNode) covers Korean, and
+    five different syllables draw five different bitmaps, none of them the box an unassigned codepoint
+    draws. Without a Korean font every syllable is that same box and both fail."""
+    css = (STATIC_DIR / "style.css").read_text(encoding="utf-8")
+    page = tmp_path / "fonts.html"
+    page.write_text(f'<!doctype html><meta charset="utf-8"><style>{css}</style>'
+                    f'<body><p id="ko" style="font-size:48px">{HANGUL}</p></body>', encoding="utf-8")
+    driver = browser
+    driver.get(page.as_uri())
+
+    driver.execute_cdp_cmd("DOM.enable", {})
+    driver.execute_cdp_cmd("CSS.enable", {})
+    root = driver.execute_cdp_cmd("DOM.getDocument", {})["root"]["nodeId"]
+    node = driver.execute_cdp_cmd("DOM.querySelector", {"nodeId": root, "selector": "#ko"})["nodeId"]
+    used = driver.execute_cdp_cmd("CSS.getPlatformFontsForNode", {"nodeId": node})["fonts"]
+    korean = korean_font_families()
+    assert korean, "no font covers Korean (apt-get install fonts-noto-cjk; .ci/run does it)"
+    assert used and all(f["familyName"] in korean for f in used), (used, sorted(korean))
+    assert sum(f["glyphCount"] for f in used) == len(HANGUL)
+
+    # canvas bitmaps drawn with the body's computed font stack, one per character
+    bitmaps = driver.execute_script("""
+        const family = getComputedStyle(document.body).fontFamily;
+        const draw = (ch) => {
+            const canvas = document.createElement("canvas");
+            canvas.width = 64; canvas.height = 64;
+            const g = canvas.getContext("2d");
+            g.font = "48px " + family;
+            g.fillText(ch, 4, 52);
+            return canvas.toDataURL();
+        };
+        return {family: family, hangul: [...arguments[0]].map(draw), missing: draw("\u0378")};
+    """, HANGUL)
+    assert bitmaps["family"].startswith('"Noto Sans KR"'), bitmaps["family"]
+    assert len(set(bitmaps["hangul"])) == len(HANGUL), "Hangul syllables draw the same shape: boxes?"
+    assert bitmaps["missing"] not in bitmaps["hangul"]
+
+    shot = Path(os.environ.get("CAPGUARD_UI_SCREENSHOT") or tmp_path / "ui.png")
+    fonts_shot = shot.with_name(f"{shot.stem}-hangul{shot.suffix}")
+    assert driver.find_element("id", "ko").screenshot(str(fonts_shot))

@@ -1,6 +1,6 @@
 """Frame sampling (the models/video/ package) on real encoded videos whose frames carry their own index.
 
-Every video here is written by tests/videomaker.py, which draws each frame's number into it, so a
+Every video here is written by bench/videomaker.py, which draws each frame's number into it, so a
 test can check that the frame a backend returns is the frame it claims (read_index == index).
 Damaged files never reach decord in this process (it can abort the interpreter): they run with
 backend="pyav" here, or with backend="auto" in a spawned subprocess.

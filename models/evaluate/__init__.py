@@ -4,7 +4,7 @@
     report["checkpoints"][0]["diversity"], report["verdicts"], report["warnings"]
     watch("runs/mlp", "data/synth/val.jsonl", "out/eval", interval=30)  # one report, a row per new epoch
 
-This reproduces the field report's tables (../shared/seed/): per checkpoint the unique captions, the
+This reproduces the field report's tables (docs/field-report.en.md): per checkpoint the unique captions, the
 diversity, SigLIP and a representative caption, plus what that report lacked: near-duplicate modes,
 grounding R@1, a verdict from the live guard's own rules, and the SigLIP-vs-diversity relation whose
 sign was the report's trap (E5-v3: SigLIP rose while diversity fell).

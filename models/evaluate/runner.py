@@ -306,7 +306,7 @@ def _atomic_write(path: Path, text: str) -> None:
 def _evict_private(cache, directory: Path, keep: set[Path]) -> None:
     """Drop cached components that live inside one checkpoint's directory (a stage-2 epoch's own LLM copy)
     unless a later checkpoint uses them (keep); ../shared components stay for the next epoch."""
-    for store in (cache.open_clip, cache.llms):
+    for store in (cache.open_clip, cache.towers, cache.llms):
         for key in [k for k in store if Path(k[0]).is_relative_to(directory) and Path(k[0]) not in keep]:
             del store[key]
 

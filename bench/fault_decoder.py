@@ -1,7 +1,8 @@
-"""No tests here: a decoder for the server's worker processes that misbehaves on request.
+"""A decoder for the server's worker processes that misbehaves on request (tests and bench/stress.py).
 
-The server's ``decoder`` setting names it ("test_server_hooks:decoder"); the decode workers import
-it (pytest puts tests/ on sys.path, and spawned workers inherit sys.path). A file whose first bytes
+The server's ``decoder`` setting names it ("fault_decoder:decoder"); the decode workers import it
+(pytest puts bench/ on sys.path, see pyproject.toml, and spawned workers inherit sys.path; bench/stress.py
+gives its server bench/ in PYTHONPATH). Shared by the tests and the stress run. A file whose first bytes
 are one of the magic words below makes the worker really die or hang; anything else is decoded
 by capguard.models.video.sample_frames as usual.
 """
