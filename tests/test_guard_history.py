@@ -81,5 +81,17 @@ def test_page_draws_the_guard_over_time_with_the_rule_lines(served, browser, vid
     assert float(unique_rule.get_attribute("y1")) == pytest.approx(top + 0.5 * height)   # the 0.5 line
     legend = [li.get_property("textContent") for li in browser.find_elements("css selector", "#chart-legend li")]
     assert "unique ratio (≥ 0.5)" in legend and "top mode share (≤ 0.2)" in legend
+
+    # the form's decoding fields reach the server and the answer's decoding is shown
+    browser.find_element("id", "do-sample").click()
+    browser.find_element("id", "temperature").send_keys("1")
+    browser.find_element("id", "seed").send_keys("5")
+    browser.find_element("id", "video").send_keys(str(video_files[6].resolve()))
+    browser.find_element("id", "submit").click()
+    wait.until(lambda d: d.find_element("id", "result").get_attribute("data-state") in ("done", "error"))
+    assert browser.find_element("id", "result").get_attribute("data-state") == "done", \
+        browser.find_element("id", "error").get_property("textContent")
+    assert browser.find_element("id", "result-decoding").get_property("textContent") == "sampled: temperature 1, seed 5"
+    assert not browser.find_element("id", "result-fallback").is_displayed()
     shot = Path(os.environ.get("CAPGUARD_UI_SCREENSHOT") or tmp_path / "chart.png")
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000

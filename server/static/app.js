@@ -153,6 +153,13 @@ function renderResult(body) {
   video.textContent = shortHash(body.video_sha256);
   video.title = String(body.video_sha256 ?? "");
   $("result-siglip").textContent = body.scores ? fixed(body.scores.siglip, 4) : "–";
+  $("result-decoding").textContent = formatDecoding(body.decoding);
+  // under collapse_policy=fallback: the checkpoint asked for and the rules it tripped
+  const fallback = body.fallback && typeof body.fallback === "object" ? body.fallback : null;
+  $("result-fallback").textContent = fallback
+    ? `asked for ${String(fallback.requested)}, collapsed (${(Array.isArray(fallback.reason) ? fallback.reason : []).join(", ")})`
+    : "";
+  $("result-fallback").hidden = $("result-fallback-term").hidden = fallback === null;
 
   const frames = body.frames || {};
   const indices = Array.isArray(frames.indices) ? frames.indices : [];
@@ -176,6 +183,22 @@ function renderResult(body) {
   result.dataset.state = "done";
 }
 
+/** "greedy" / "beam search ×3" / "sampled: temperature 1, top-p 0.9, seed 7" (+ repetition penalty). */
+function formatDecoding(d) {
+  if (!d || typeof d !== "object") return "–";
+  const parts = [];
+  if (d.do_sample) {
+    parts.push(`sampled: temperature ${d.temperature}`);
+    if (isNumber(d.top_p) && d.top_p < 1) parts.push(`top-p ${d.top_p}`);
+    if (isNumber(d.top_k) && d.top_k > 0) parts.push(`top-k ${d.top_k}`);
+    parts.push(`seed ${d.seed}`);
+  } else {
+    parts.push(isNumber(d.num_beams) && d.num_beams > 1 ? `beam search ×${d.num_beams}` : "greedy");
+  }
+  if (isNumber(d.repetition_penalty) && d.repetition_penalty !== 1) parts.push(`repetition penalty ${d.repetition_penalty}`);
+  return parts.join(", ");
+}
+
 function showError(err) {
   $("error-code").textContent = err instanceof ApiError ? `${err.code} (${err.status || "no answer"}):` : "error:";
   $("error-message").textContent = err && err.message ? err.message : String(err);
@@ -197,8 +220,10 @@ async function submitCaption(event) {
     return;
   }
   const form = new FormData();
+  const sample = $("do-sample").checked;   // the sampling fields go only with do_sample (the server's rule)
   const fields = { checkpoint: $("checkpoint").value, num_frames: $("num-frames").value,
-    max_new_tokens: $("max-new-tokens").value };
+    max_new_tokens: $("max-new-tokens").value, do_sample: sample ? "true" : "",
+    temperature: sample ? $("temperature").value : "", seed: sample ? $("seed").value : "" };
   for (const [name, value] of Object.entries(fields)) {
     if (value !== "") form.append(name, value);   // empty = the server's default
   }
