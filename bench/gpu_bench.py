@@ -4,6 +4,8 @@
     .venv/bin/python bench/gpu_bench.py --projectors linear --batch 16
     .venv/bin/python bench/gpu_bench.py --tiny           # tiny shapes on the CPU in seconds (CI smoke test)
     .venv/bin/python bench/gpu_bench.py --plan           # no GPU needed: shapes, FLOPs, bytes, H100/H200 limits
+    .venv-vllm/bin/python bench/gpu_bench.py --engines hf vllm   # + the vllm engine (make install-vllm; GPU:
+                                                                 #   pip install vllm==0.32.0)
 
 Random weights, nothing downloaded: a LLaMA-2-7B-shaped ``LlamaForCausalLM`` (hidden 4096, 32 layers,
 32 heads, MLP 11008, vocab 32000) built from a ``LlamaConfig`` in bf16 on the GPU, an open_clip
@@ -25,6 +27,12 @@ Per projector:
 - decode: (generate time - prefill time) / (new tokens - 1) per step, against the memory bound: each
   step reads every weight but the embedding table once plus the batch's KV cache, at the card's HBM
   bandwidth (H100 SXM 3.35 TB/s, H200 4.8 TB/s).
+
+With ``--engines ... vllm``: the random LLM is written to a temporary directory and vLLM loads it (its
+own copy, in the same dtype; the engine core is a separate process), then the same ``--batch`` videos go
+through ``stack.caption`` with the vllm engine, all requests at once (continuous batching, paged KV,
+CUDA graphs on a GPU). "vllm v/s" against "batch v/s" is the engine's gain at that batch, and "same"
+counts rows equal to HF's one-by-one ones (bf16: a flip is a near-tie, bench/parity_vllm.py).
 
 GPU timings are CUDA events after ``torch.cuda.synchronize``; CPU ones ``time.perf_counter``.
 """
@@ -86,7 +94,8 @@ def field_report_shapes(batch: int, new_tokens: int, naive_videos: int) -> Shape
                   queries=64, new_tokens=new_tokens, batch=batch, naive_videos=naive_videos)
 
 
-TINY = Shapes(hidden=64, intermediate=128, layers=2, heads=4, vocab=512, frames=2, queries=8, new_tokens=4,
+# head_dim 64: vLLM's CPU attention rejects 16 ("Unsupported CPU attention configuration"); 48 (demo) and 64 ran
+TINY = Shapes(hidden=64, intermediate=128, layers=2, heads=1, vocab=512, frames=2, queries=8, new_tokens=4,
               batch=4, naive_videos=2, max_positions=512,
               vision={"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32})
 
@@ -207,6 +216,8 @@ class Row:
     prefill_tflops: float
     decode_ms: float
     step_bytes: float       # what one decode step must read (step_bytes())
+    vllm_vps: float | None = None   # --engines vllm: the batch through the vllm engine, videos/s
+    vllm_same: str = "-"            # its rows equal to HF's one-by-one ones
 
 
 def measure(stack: CaptionStack, shapes: Shapes, device: torch.device, repeats: int) -> Row:
@@ -248,6 +259,40 @@ def measure(stack: CaptionStack, shapes: Shapes, device: torch.device, repeats: 
                shapes.batch / statistics.median(batched_s), f"{same}/{min(shapes.naive_videos, shapes.batch)}",
                1000 * encode.seconds, 1000 * prefill_s, prefill_flops(cap.llm, shapes.batch, seq) / prefill_s / 1e12,
                1000 * step_s, step_bytes(cap.llm, shapes.batch, seq + shapes.new_tokens // 2))
+
+
+@dataclass
+class ExactLength(GenerationConfig):
+    """Exactly max_new_tokens per video in both engines (HF: min_new_tokens, vLLM: min_tokens): the
+    saved LLM's own EOS id could otherwise stop vLLM's rows early on random weights."""
+    min_new_tokens: int = 0
+
+
+def measure_vllm(stack: CaptionStack, shapes: Shapes, device: torch.device, repeats: int, llm_dir: Path,
+                 row: Row) -> None:
+    """Fill row.vllm_vps / vllm_same: the same videos as ``measure`` through a vllm engine on llm_dir."""
+    from capguard.models.engines.vllm_engine import VLLMCore, VLLMEngine
+
+    core = getattr(measure_vllm, "core", None) or VLLMCore(llm_dir, stack.dtype)   # one core for all projectors
+    measure_vllm.core = core
+    vllm_stack = CaptionStack(stack.name, stack.directory, stack.config, stack.captioner, None, None,
+                              stack.fingerprint, device, stack.dtype, VLLMEngine(stack.captioner, core))
+    n = shapes.new_tokens
+    exact = ExactLength(max_new_tokens=n, min_new_tokens=n)
+    rng = np.random.default_rng(0)
+    size = shapes.vision["image_size"]
+    videos = [rng.integers(0, 256, (shapes.frames, size, size, 3), dtype=np.uint8)
+              for _ in range(max(shapes.batch, shapes.naive_videos))]
+    vllm_stack.caption(videos[:shapes.batch], score=False, generation=exact)       # warm-up
+    seconds = []
+    for _ in range(repeats):
+        with Timer(device) as t:
+            out, _ = vllm_stack.caption(videos[:shapes.batch], score=False, generation=exact)
+        seconds.append(t.seconds)
+    singles = [stack.caption([v], score=False, generation=exact)[0][0] for v in videos[:shapes.naive_videos]]
+    same = sum(a.token_ids == b.token_ids for a, b in zip(singles, out, strict=False))
+    row.vllm_vps = shapes.batch / statistics.median(seconds)
+    row.vllm_same = f"{same}/{min(shapes.naive_videos, shapes.batch)}"
 
 
 def vision_flops(visual, tokens: int) -> float:
@@ -301,6 +346,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the card's dense bf16 peak")
     parser.add_argument("--hbm-tbs", type=float, default=None, help="override the card's HBM bandwidth, TB/s")
+    parser.add_argument("--engines", nargs="+", default=["hf"], choices=["hf", "vllm"],
+                        help="hf always runs (the reference); vllm adds the vllm engine's videos/s")
     args = parser.parse_args()
     if args.plan:
         plan(TINY if args.tiny else field_report_shapes(args.batch, args.new_tokens, args.naive_videos),
@@ -326,10 +373,19 @@ def main() -> None:
           f"peak {peak or '?'} TFLOP/s, HBM {bandwidth or '?'} TB/s; built in {time.perf_counter() - started:.1f} s",
           flush=True)
 
+    llm_dir = None
+    if "vllm" in args.engines:
+        import tempfile
+
+        llm_dir = Path(tempfile.mkdtemp(prefix="capguard-gpu-bench-llm-"))
+        llm.save_pretrained(str(llm_dir))                 # vLLM loads its own copy from a directory
     rows = []
     for kind in args.projectors:
         try:
-            rows.append(measure(make_stack(kind, shapes, encoder, llm, device, dtype), shapes, device, args.repeats))
+            stack = make_stack(kind, shapes, encoder, llm, device, dtype)
+            rows.append(measure(stack, shapes, device, args.repeats))
+            if llm_dir is not None:
+                measure_vllm(stack, shapes, device, args.repeats, llm_dir, rows[-1])
         except torch.cuda.OutOfMemoryError as exc:
             print(f"{kind}: out of GPU memory ({str(exc).splitlines()[0]}); try a smaller --batch")
         if device.type == "cuda":
@@ -348,6 +404,17 @@ def main() -> None:
               f"{r.prefill_tflops:>8.2f} {pct(r.prefill_tflops, peak):>7} {r.decode_ms:>8.2f} {tps:>8.0f} "
               f"{'-' if bound_tps is None else f'{bound_tps:.0f}':>11} "
               f"{pct(tps, bound_tps) if bound_tps else '-':>8}")
+    if llm_dir is not None:
+        print(f"\n{'projector':<13} {'batch v/s':>9} {'vllm v/s':>9} {'vllm/hf':>7} {'same':>5}")
+        for r in rows:
+            gain = f"{r.vllm_vps / r.batched_vps:>6.2f}x" if r.vllm_vps else "      -"
+            print(f"{r.projector:<13} {r.batched_vps:>9.2f} {r.vllm_vps or float('nan'):>9.2f} {gain} {r.vllm_same:>5}")
+        import shutil
+
+        if getattr(measure_vllm, "core", None) is not None:   # end the engine process before interpreter teardown
+            measure_vllm.core.close()
+            del measure_vllm.core
+        shutil.rmtree(llm_dir, ignore_errors=True)
     if not rows:
         sys.exit(1)
 

@@ -133,16 +133,43 @@ class Captioner(nn.Module):
         embeds, mask, positions, labels = self.build_inputs(visual, targets)
         return self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, labels=labels).loss
 
+    def sequence(self, visual: torch.Tensor) -> torch.Tensor:
+        """One prompt for an engine that takes embeddings: (Q, D_llm) visual tokens -> (P + Q + S, D_llm)
+        = [prompt before <video> | visual tokens | prompt after], in the LLM's dtype (no padding)."""
+        pre, suf = self.prompt_embeddings()                             # (P, D), (S, D)
+        return torch.cat([pre, visual.to(pre.dtype), suf])
+
+    def finish(self, ids: list[int], limit: int) -> Generated:
+        """Generated ids (possibly past EOS or past this row's limit) -> the caption: cut at ``limit`` and
+        at the first EOS, decoded without special tokens. Every engine ends its rows here, so the same
+        ids give the same text whichever engine made them."""
+        kept = []
+        for tok in ids[:limit]:
+            if tok == self.eos_id:
+                break
+            kept.append(tok)
+        return Generated(text=self.tokenizer.decode(kept, skip_special_tokens=True).strip(), token_ids=kept)
+
+    def generate_options(self, gen: GenerationConfig, max_new_tokens: int) -> dict:
+        """HF ``generate`` keyword arguments for one row (capguard.models.sampling: a sampled row draws from its
+        own seeded stream, so the hf engine's one-by-one path reproduces a seed as the batched one does)."""
+        [(_, options)] = plan_calls([gen])
+        options = options | {"max_new_tokens": max_new_tokens}
+        if self.static_cache:
+            options.update(static_cache_options())
+        return options
+
     @torch.inference_mode()
     def generate(self, visual: list[torch.Tensor], gen: GenerationConfig | list[GenerationConfig],
-                 max_new_tokens: list[int] | None = None) -> list[Generated]:
+                 max_new_tokens: list[int] | None = None, **extra) -> list[Generated]:
         """Batched decoding; each row may stop at its own ``max_new_tokens`` and decode by its own options.
 
         ``gen``: one GenerationConfig for every row, or one per row (a server batch mixes requests);
         ``capguard.models.sampling.plan_calls`` puts the rows in as few ``generate`` calls as it can (one,
         unless some rows use beam search), each sampled row on its own seeded random stream. Rows of a
         call run to its largest limit; a row cut at its own limit equals what a call with that limit
-        would have produced (greedy, and sampled: a row's draws do not depend on the others).
+        would have produced (greedy, and sampled: a row's draws do not depend on the others). ``extra``
+        goes to HF ``generate`` (the hf engine passes a stopping criterion that aborts a request).
         """
         gens = gen if isinstance(gen, list) else [gen] * len(visual)
         limits = max_new_tokens or [g.max_new_tokens for g in gens]
@@ -153,16 +180,7 @@ class Captioner(nn.Module):
             if self.static_cache:
                 options.update(static_cache_options())
             out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, pad_token_id=self.pad_id,
-                                    eos_token_id=self.eos_id, **options)        # (b, new) new tokens only
+                                    eos_token_id=self.eos_id, **options, **extra)   # (b, new) new tokens only
             for i, row in zip(rows, out.tolist(), strict=True):
-                results[i] = self._finish(row, limits[i])
+                results[i] = self.finish(row, limits[i])
         return results
-
-    def _finish(self, row: list[int], limit: int) -> Generated:
-        """Generated ids -> the caption: cut at ``limit`` and at the first EOS, decoded without special tokens."""
-        ids = []
-        for tok in row[:limit]:
-            if tok == self.eos_id:
-                break
-            ids.append(tok)
-        return Generated(text=self.tokenizer.decode(ids, skip_special_tokens=True).strip(), token_ids=ids)

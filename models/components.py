@@ -52,6 +52,25 @@ class TinySizes:
     llm_layers: int = 2
     llm_heads: int = 4
     vocab_size: int = 512     # tokenizer vocabulary (BPE merges on top of the byte alphabet)
+    vision_head_width: int = 32
+    llm_kv_heads: int | None = None         # None: llm_heads (no grouped-query attention)
+    llm_intermediate: int | None = None     # None: 4 * llm_hidden
+    llm_arch: str = "llama"                 # "llama" | "qwen2" (bias on q/k/v, as Qwen2)
+    llm_vocab: int | None = None            # None: the tokenizer's size; larger pads the embedding / LM head
+
+
+# Named shapes for `capguard init-checkpoint --preset`: random weights at the sizes of real models, for
+# measuring engines and memory without downloading anything.
+PRESETS = {
+    "tiny": TinySizes(),
+    # SigLIP-B/16 at 224 px (196 patch tokens per frame, width 768, 12 layers) + a Qwen2-0.5B-shaped LLM
+    # (hidden 896, 24 layers, 14 query / 2 KV heads, MLP 4864, vocabulary 151936)
+    "siglip-b16-qwen2-0.5b": TinySizes(image_size=224, patch_size=16, vision_width=768, vision_layers=12,
+                                       vision_head_width=64, text_width=768, text_layers=12, context_length=64,
+                                       embed_dim=768, llm_hidden=896, llm_layers=24, llm_heads=14,
+                                       llm_kv_heads=2, llm_intermediate=4864, llm_arch="qwen2",
+                                       llm_vocab=151936),
+}
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, out_dir: str | Path | None = None):
@@ -80,7 +99,7 @@ def clip_model_config(sizes: TinySizes, vocab_size: int) -> dict:
         "init_logit_bias": -10,
         "custom_text": True,
         "vision_cfg": {"image_size": sizes.image_size, "patch_size": sizes.patch_size, "width": sizes.vision_width,
-                       "layers": sizes.vision_layers, "head_width": 32, "mlp_ratio": 4.0},
+                       "layers": sizes.vision_layers, "head_width": sizes.vision_head_width, "mlp_ratio": 4.0},
         "text_cfg": {"context_length": sizes.context_length, "vocab_size": vocab_size, "width": sizes.text_width,
                      "heads": max(1, sizes.text_width // 32), "layers": sizes.text_layers, "no_causal_mask": True,
                      "pool_type": "last", "proj_bias": True, "pad_id": 2},
@@ -119,16 +138,19 @@ def write_open_clip_dir(model: nn.Module, model_cfg: dict, out_dir: str | Path,
 
 
 def build_llm(tokenizer, sizes: TinySizes):
-    """A small Llama-architecture causal LM sized for the tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A random-init causal LM (Llama, or Qwen2 for the Qwen2-shaped preset) sized for the tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=sizes.llm_hidden,
-                         intermediate_size=sizes.llm_hidden * 4, num_hidden_layers=sizes.llm_layers,
-                         num_attention_heads=sizes.llm_heads, num_key_value_heads=sizes.llm_heads,
-                         max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         tie_word_embeddings=True)
-    return LlamaForCausalLM(config)
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM),
+                             "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[sizes.llm_arch]
+    config = config_cls(vocab_size=max(len(tokenizer), sizes.llm_vocab or 0), hidden_size=sizes.llm_hidden,
+                        intermediate_size=sizes.llm_intermediate or sizes.llm_hidden * 4,
+                        num_hidden_layers=sizes.llm_layers, num_attention_heads=sizes.llm_heads,
+                        num_key_value_heads=sizes.llm_kv_heads or sizes.llm_heads,
+                        max_position_embeddings=2048 if sizes.llm_arch == "llama" else 32768,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    return model_cls(config)
 
 
 def write_llm_dir(llm, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:

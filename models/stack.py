@@ -21,6 +21,7 @@ import torch.nn as nn
 from capguard.models.captioner import Captioner, static_cache_options
 from capguard.models.config import MANIFEST_NAME, CheckpointConfig, CheckpointError, GenerationConfig
 from capguard.models.encoder import FramePreprocessor, VisionEncoder, frames_to_tensor, load_open_clip
+from capguard.models.engines import Engine
 from capguard.models.projector import build_projector, projector_state_dict
 from capguard.models.scorer import Scorer, load_tokenizer
 from capguard.models.weights import fingerprint, load_strict, read_state_dict, weight_files
@@ -76,6 +77,13 @@ class ComponentCache:
             self.llms[key] = load_llm(path, device, dtype)
         return self.llms[key]
 
+    def engine(self, name: str | None, captioner: Captioner, path: Path, device: torch.device, dtype: torch.dtype):
+        """The captioner's LLM engine (capguard.models.engines); a vllm engine core lives next to its LLM in
+        ``llms`` (key + "vllm"), so checkpoints sharing the LLM share it and evicting the LLM ends it."""
+        from capguard.models.engines import build_engine
+
+        return build_engine(name, captioner, path, dtype, shared=self.llms, key=(path, device, dtype, "vllm"))
+
     def file_hash(self, path: Path) -> str:
         st = path.stat()
         key = (path, st.st_size, st.st_mtime_ns)
@@ -127,6 +135,11 @@ class CaptionStack:
     fingerprint: str
     device: torch.device
     dtype: torch.dtype
+    engine: Engine | None = None   # the LLM step (capguard.models.engines); None: the captioner's own HF generate
+
+    @property
+    def engine_name(self) -> str:
+        return "hf" if self.engine is None else self.engine.name
 
     @property
     def projector_type(self) -> str:
@@ -168,7 +181,7 @@ class CaptionStack:
         blocks, image_emb = blocks if want_pooled else (blocks, None)
         visual = self.captioner.project(blocks)
         t1 = time.perf_counter()
-        generated = self.captioner.generate(visual, gen, max_new_tokens)
+        generated = (self.engine or self.captioner).generate(visual, gen, max_new_tokens)
         t2 = time.perf_counter()
         scores = text_emb = video_emb = None
         if score and self.scorer is not None:
@@ -263,7 +276,9 @@ def load_projector(config: CheckpointConfig, path: Path, vision_dim: int, llm_di
 
 
 def load_stack(directory: str | Path, device: str = "auto", cache: ComponentCache | None = None,
-               with_scorer: bool = True, name: str | None = None) -> CaptionStack:
+               with_scorer: bool = True, name: str | None = None, engine: str | None = None) -> CaptionStack:
+    """engine: "auto" | "hf" | "vllm"; None reads CAPGUARD_ENGINE (default auto: vllm when installed and it
+    supports the LLM, else hf)."""
     directory = Path(directory).resolve()
     config = CheckpointConfig.load(directory)
     cache = cache or ComponentCache()
@@ -302,10 +317,11 @@ def load_stack(directory: str | Path, device: str = "auto", cache: ComponentCach
             scorer_preprocess = FramePreprocessor(scorer_cfg).to(dev)
         files += _clip_weights(scorer_path)
     digest = _combined(cache, files)
-    log.info("loaded checkpoint %s (%s projector, %s, %s) fingerprint %s", directory.name,
-             config.projector.type, dev, dtype, digest[:12])
+    llm_engine = cache.engine(engine, captioner, llm_path, dev, dtype)
+    log.info("loaded checkpoint %s (%s projector, %s, %s, engine %s) fingerprint %s", directory.name,
+             config.projector.type, dev, dtype, llm_engine.name, digest[:12])
     return CaptionStack(name or config.name or directory.name, directory, config, captioner, scorer,
-                        scorer_preprocess, digest, dev, dtype)
+                        scorer_preprocess, digest, dev, dtype, llm_engine)
 
 
 def _clip_weights(path: Path) -> list[Path]:

@@ -69,6 +69,12 @@ def _decoding(args: argparse.Namespace):
     return request
 
 
+def _use_engine(args: argparse.Namespace) -> None:
+    """--engine wins over CAPGUARD_ENGINE; every load_stack of this process (evaluations too) reads it."""
+    if getattr(args, "engine", None):
+        os.environ["CAPGUARD_ENGINE"] = args.engine
+
+
 def cmd_caption(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -76,6 +82,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     from capguard.models.stack import load_stack
     from capguard.models.video import VideoError, VideoLimits, sample_frames
 
+    _use_engine(args)
     stack = load_stack(args.checkpoint, device=args.device, with_scorer=not args.no_score)
     num_frames = stack.config.num_frames if args.num_frames is None else args.num_frames
     failures = 0
@@ -102,6 +109,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
             record = {
                 "video": path, "caption": out.caption, "checkpoint": stack.name, "fingerprint": stack.fingerprint,
                 "decoding": effective(gen),
+                "engine": stack.engine_name,
                 "frames": {"count": len(sampled.indices), "indices": sampled.indices,
                            "timestamps_s": [round(t, 4) for t in sampled.timestamps_s], "backend": sampled.backend},
                 "scores": {"siglip": out.score},
@@ -112,11 +120,12 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def cmd_init_checkpoint(args: argparse.Namespace) -> int:
-    from capguard.models.components import init_checkpoint
+    from capguard.models.components import PRESETS, init_checkpoint
 
     options = json.loads(args.options) if args.options else None
-    path = init_checkpoint(args.directory, args.projector, options=options, seed=args.seed)
-    print(json.dumps({"checkpoint": str(path), "projector": args.projector}))
+    path = init_checkpoint(args.directory, args.projector, sizes=PRESETS[args.preset], options=options,
+                           seed=args.seed)
+    print(json.dumps({"checkpoint": str(path), "projector": args.projector, "preset": args.preset}))
     return 0
 
 
@@ -166,6 +175,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 2
     options = {"num_frames": args.num_frames, "batch_size": args.batch_size, "device": args.device,
                "max_new_tokens": args.max_new_tokens, "decoding": args.decoding}
+    _use_engine(args)
     try:
         if args.watch:
             report = watch(args.watch, dataset, args.out, interval=args.interval, once=args.once,
@@ -251,6 +261,12 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _engine_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=["auto", "hf", "vllm"],
+                   help="LLM engine (default: CAPGUARD_ENGINE, else auto: vllm when installed and it supports "
+                        "the LLM, else hf)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="capguard", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -272,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-score", action="store_true", help="skip the scorer")
     _add_decoding_arguments(p)
+    _engine_argument(p)
     p.set_defaults(func=cmd_caption)
 
     p = sub.add_parser("init-checkpoint", help="write a tiny random-init stack (tests, wiring your own parts)")
@@ -279,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--projector", default="mlp2x_gelu", choices=PROJECTORS)
     p.add_argument("--options", help='projector options as JSON, e.g. \'{"num_queries": 16}\'')
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", default="tiny", choices=["tiny", "siglip-b16-qwen2-0.5b"],
+                   help="model shapes (random weights): tiny, or SigLIP-B/16 at 224 px + a Qwen2-0.5B-shaped LLM")
     p.set_defaults(func=cmd_init_checkpoint)
 
     p = sub.add_parser("export", help="copy a checkpoint elsewhere, keeping its shared components reachable")
@@ -327,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-checkpoints", type=_at_least(1), help="--watch: stop after N new checkpoints")
     p.add_argument("--once", action="store_true", help="--watch: evaluate what is complete now (two polls), then stop")
     _add_decoding_arguments(p)
+    _engine_argument(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("train", help="train encoder/scorer, LM and a captioner on a make-videos data set")
@@ -364,8 +384,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except Exception as exc:  # noqa: BLE001 - one clear line for the user, the trace with -v
         from capguard.models.config import CheckpointError
+        from capguard.models.engines import EngineError
 
-        if isinstance(exc, (CheckpointError, FileNotFoundError)) and not args.verbose:
+        if isinstance(exc, (CheckpointError, EngineError, FileNotFoundError)) and not args.verbose:
             print(f"capguard {args.command}: error: {exc}", file=sys.stderr)
             return 2
         raise

@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     checkpoints_root: Path = REPO_ROOT / "checkpoints"  # dirs holding capguard.json (1-2 levels down) are servable
     default_checkpoint: str = "demo"         # name under checkpoints_root; loaded at start, serves by default
     device: str = "auto"                     # "auto" (cuda if present), "cpu", "cuda:1", ...
+    # the LLM engine (capguard.models.engines): "auto" takes vllm when it is installed and supports the LLM
+    # (make install-vllm), else hf (transformers generate); vLLM's own knobs: CAPGUARD_VLLM_* (README)
+    engine: Literal["auto", "hf", "vllm"] = "auto"
 
     # --- storage
     data_dir: Path = Path("data")            # capguard.db (caption log) and tmp/ (uploads in flight)

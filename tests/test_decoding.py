@@ -87,7 +87,7 @@ def test_one_row_matches_transformers_sampling(stack):
         theirs = cap.llm.generate(inputs_embeds=embeds, attention_mask=mask, pad_token_id=cap.pad_id,
                                   eos_token_id=cap.eos_id, max_new_tokens=12, do_sample=True, temperature=1.3,
                                   top_k=40, top_p=0.95, repetition_penalty=1.2)
-    assert ours.token_ids == cap._finish(theirs[0].tolist(), 12).token_ids
+    assert ours.token_ids == cap.finish(theirs[0].tolist(), 12).token_ids
     assert ours.num_tokens > 3
 
 
@@ -105,3 +105,16 @@ def test_a_seed_reproduces_its_caption_whatever_the_batch(stack):
     assert len(others) > 1
     greedy_alone = stack.captioner.generate(_visual(stack, [200]), GREEDY)[0]
     assert batch[0].token_ids == greedy_alone.token_ids          # a sampled neighbour leaves greedy rows alone
+
+
+def test_the_hf_engine_one_by_one_path_reproduces_a_seed(stack):
+    """HFEngine.generate_one (one prompt at a time) samples a seeded row exactly as the batched path does."""
+    import asyncio
+
+    from capguard.models.engines.hf import HFEngine
+
+    seeded = GenerationConfig(max_new_tokens=12, do_sample=True, temperature=1.5, top_p=0.9, seed=31)
+    visual = _visual(stack, [60])
+    batched = stack.captioner.generate(visual, seeded)[0]
+    one = asyncio.run(HFEngine(stack.captioner).generate_one(stack.captioner.sequence(visual[0]), seeded, "r1"))
+    assert one.token_ids == batched.token_ids and one.num_tokens > 3

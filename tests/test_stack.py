@@ -207,11 +207,11 @@ def test_importing_models_loads_no_web_stack():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_loading_a_checkpoint_logs_no_false_warning(stacks, caplog):
+def test_loading_a_checkpoint_logs_no_false_warning(projector_stacks, caplog):
     """open_clip's "No pretrained weights loaded ... initialized randomly" is false here (the weights are
     loaded strictly right after): a load, scorer included, must log no warning at all."""
     caplog.set_level(logging.DEBUG)
-    stack = load_stack(stacks["linear"])
+    stack = load_stack(projector_stacks["linear"])
     assert stack.scorer is not None
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
