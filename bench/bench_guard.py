@@ -9,6 +9,15 @@ scorer embeddings as the demo stack's scorer gives.
 
     .venv/bin/python bench/bench_guard.py                       # both windows, healthy stream
     .venv/bin/python bench/bench_guard.py --windows 100 --stream collapsed --request-ms 800
+    .venv/bin/python bench/bench_guard.py --new-figures           # + issue 15's per-caption figures
+
+``--new-figures`` also times, per observed caption, what issue 15 adds beside the guard: the loop check
+(``capguard.models.degenerate.degeneration``), the content key (``capguard.models.semantic.content_key``,
+kiwipiepy word by word with a word cache) with a running count of distinct keys, and the running Vendi
+score (X^T X updated per caption, its eigenvalues every ``RunningVendi.SCORE_EVERY`` captions or on every
+full recompute when those are rarer), on two caption streams: random
+Hangul words (every word unseen: the analyser's worst case) and the demo's recorded val captions (a real
+captioner's vocabulary, tests/data/val-captions-demo.jsonl) with its 128-dim scorer embeddings.
 
 Prints ratios to a typical request (``--request-ms``). Its default, 45 ms, is one request at concurrency 1
 on the shipped demo stack on the 2-core dev CPU (bench/RESULTS.md); pass the figure of the stack you
@@ -18,7 +27,10 @@ serve. bench/bench_metrics.py measures the request and the guard side by side.
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 
@@ -86,6 +98,62 @@ def bench_window(window: int, args: argparse.Namespace) -> None:
           f"worst single observe {times_us.max() / request_us:.1f}x a request")
 
 
+def demo_captions(n: int) -> list[str]:
+    """n captions cycling through the demo's recorded val captions (greedy and sampled passes)."""
+    path = Path(__file__).resolve().parents[1] / "tests" / "data" / "val-captions-demo.jsonl"
+    captions = [json.loads(line)["caption"] for line in path.read_text().splitlines()]
+    return [captions[i % len(captions)] for i in range(n)]
+
+
+def bench_new_figures(window: int, args: argparse.Namespace) -> None:
+    """Per-caption cost of the loop check, the content key + distinct-key count, and the running Vendi score."""
+    from capguard.models.degenerate import degeneration
+    from capguard.models.semantic import RunningVendi, content_key, warm_up
+
+    started = time.perf_counter()
+    warm_up()
+    load_s = time.perf_counter() - started
+    every = GuardSettings(window=window, recompute_every=args.recompute_every).effective_recompute_every
+    n_obs = max(args.observations, every)
+    dim = 128   # the demo scorer's text embedding size
+    score_every = max(every, RunningVendi.SCORE_EVERY)
+    rng = np.random.default_rng(0)
+    for label, captions in [("random words", healthy_captions(window + n_obs, seed=3)),
+                            ("demo captions", demo_captions(window + n_obs))]:
+        content_key.cache_clear()
+        emb = rng.standard_normal((window + n_obs, dim))               # (window + n_obs, dim)
+        vendi = RunningVendi(dim)
+        vendi.reset(emb[:window])
+        keys = Counter(content_key(c) for c in captions[:window])    # the window's content keys (fills caches)
+        loop_us, content_us, vendi_us, score_us = (np.empty(n_obs) for _ in range(4))
+        for i in range(n_obs):
+            new, old = window + i, i
+            t0 = time.perf_counter_ns()
+            degeneration(captions[new], 14, 48)
+            t1 = time.perf_counter_ns()
+            keys[content_key(captions[new])] += 1
+            gone = content_key(captions[old])
+            keys[gone] -= 1
+            if not keys[gone]:
+                del keys[gone]
+            t2 = time.perf_counter_ns()
+            vendi.replace(emb[old], emb[new])
+            t3 = time.perf_counter_ns()
+            if i % score_every == 0:
+                vendi.score()
+            t4 = time.perf_counter_ns()
+            loop_us[i], content_us[i], vendi_us[i], score_us[i] = (t1 - t0) / 1e3, (t2 - t1) / 1e3, \
+                (t3 - t2) / 1e3, (t4 - t3) / 1e3
+        total = loop_us + content_us + vendi_us + score_us
+        request_us = args.request_ms * 1e3
+        print(f"  new figures, {label} (kiwipiepy load + first call {load_s:.1f} s, once per process):")
+        print(f"    loop check {loop_us.mean():7.1f} us   content key + count {content_us.mean():7.1f} us "
+              f"(p99 {np.percentile(content_us, 99):7.1f})   Vendi update {vendi_us.mean():6.1f} us   "
+              f"Vendi score {score_us[::score_every].mean():7.1f} us every {score_every}")
+        print(f"    all new figures: mean {total.mean():7.1f} us = {total.mean() / request_us:.3%} of a "
+              f"{args.request_ms:g} ms request; p99 {np.percentile(total, 99):7.1f} us")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, nargs="+", default=[100, 10_000])
@@ -94,11 +162,14 @@ def main() -> None:
     parser.add_argument("--recompute-every", type=int, default=None, help="default: the guard's auto policy")
     parser.add_argument("--stream", choices=["healthy", "collapsed"], default="healthy")
     parser.add_argument("--dim", type=int, default=64, help="scorer embedding size (demo stack: 64)")
+    parser.add_argument("--new-figures", action="store_true", help="also time issue 15's per-caption figures")
     parser.add_argument("--request-ms", type=float, default=45.0,
                         help="a typical /caption request; default: the demo stack at concurrency 1 on 2 CPU cores")
     args = parser.parse_args()
     for window in args.windows:
         bench_window(window, args)
+        if args.new_figures:
+            bench_new_figures(window, args)
 
 
 if __name__ == "__main__":

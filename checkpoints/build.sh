@@ -34,10 +34,10 @@ mkdir -p checkpoints/shared
 cp -r "$runs/shared/siglip" "$runs/shared/llm" checkpoints/shared/
 # Templated captions: one word is one attribute, so near-duplicates need a stricter threshold.
 relink=(--relink "$runs/shared=checkpoints/shared")
-capguard export "$runs/demo-mlp-long/epoch-$demo_epoch" checkpoints/demo "${relink[@]}" --guard '{"near_dup_threshold": 0.97}'
-capguard export "$runs/c-abstractor/epoch-4" checkpoints/collapsed "${relink[@]}" --guard '{"near_dup_threshold": 0.97}'
+capguard export "$runs/demo-mlp-long/epoch-$demo_epoch" checkpoints/demo "${relink[@]}"
+capguard export "$runs/c-abstractor/epoch-4" checkpoints/collapsed "${relink[@]}"
 for e in 1 2 3 4 5; do
-    capguard export "$runs/c-abstractor/epoch-$e" "checkpoints/c-abstractor/epoch-$e" "${relink[@]}" --guard '{"near_dup_threshold": 0.97}'
+    capguard export "$runs/c-abstractor/epoch-$e" "checkpoints/c-abstractor/epoch-$e" "${relink[@]}"
 done
 find checkpoints -name val_captions.jsonl -delete
 # 6. The validation videos, for evaluation and the guard checks.
