@@ -605,10 +605,6 @@ class DiversityReport:
     grounding_margin: float | None   # same
     modes: list[Mode]                # the top_k clusters: what the model keeps saying
     near_dup_threshold: float = NEAR_DUP_THRESHOLD  # the similarity the clusters used, so a report explains itself
-    # the live guard's figures from capguard.models.semantic / degenerate (None where not computed)
-    content_unique_ratio: float | None = None   # distinct content keys / captions
-    degenerate_share: float | None = None       # captions that loop inside themselves / captions
-    vendi: float | None = None                  # Vendi score of the text embeddings (effective distinct meanings)
 
     def to_dict(self) -> dict:
         """JSON-able dict; nan becomes None (JSON has no nan).

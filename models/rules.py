@@ -24,8 +24,7 @@ MIN_CAPTIONS = 30    # no verdict below this: 3 repeats among 10 captions is noi
 # flap the status, short enough that a fixed checkpoint is cleared soon after its window turns healthy.
 CLEAR_AFTER = 10
 
-RULES = ("unique_ratio", "near_unique_ratio", "top_mode_share", "grounding_r1", "content_unique_ratio",
-         "degenerate_share")  # names tripped_rules returns
+RULES = ("unique_ratio", "near_unique_ratio", "top_mode_share", "grounding_r1")  # names tripped_rules returns
 NEAR_DUP_THRESHOLD = 0.9  # Indel similarity for "same caption": a 2-syllable swap in 35 is 0.94
 
 
@@ -49,18 +48,9 @@ class GuardThresholds:
     # 9-of-97 epoch is capped at 0.093.
     min_grounding_r1: float = 0.1
     near_dup_threshold: float = NEAR_DUP_THRESHOLD
-    # Distinct content keys (capguard.models.semantic: kiwipiepy content morphemes, particles, endings and
-    # order ignored) / captions: the unique line read on content. Re-wordings of one generic sentence read
-    # 0.12, the healthy demo 0.96-0.98 greedy or sampled (bench/RESULTS.md, guard second pass).
-    min_content_unique_ratio: float = 0.5
-    # Share of the window's captions that loop inside themselves (capguard.models.degenerate: a repeated
-    # sentence or phrase; a caption only cut at max_new_tokens does not count). The shipped checkpoints loop
-    # on none of 388 recorded captions; one caption in ten looping is a broken checkpoint, whatever else varies.
-    max_degenerate_share: float = 0.1
 
     def __post_init__(self) -> None:
-        for name in ("min_unique_ratio", "min_near_unique_ratio", "max_top_mode_share", "min_grounding_r1",
-                     "min_content_unique_ratio", "max_degenerate_share"):
+        for name in ("min_unique_ratio", "min_near_unique_ratio", "max_top_mode_share", "min_grounding_r1"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"GuardThresholds.{name} is a ratio in [0, 1], got {value}")
@@ -84,8 +74,7 @@ def check_threshold_names(names: Iterable[str]) -> None:
 def tripped_rules(report: DiversityReport, thresholds: GuardThresholds) -> list[str]:
     """Names of the guard rules the report breaks, in ``RULES`` order; nan/None figures never trip.
 
-    grounding_r1 is checked only when the report has grounding, content_unique_ratio and degenerate_share only
-    when the report carries them (the live guard does).
+    grounding_r1 is checked only when the report has grounding.
 
     Example: unique_ratio=0.01, near_unique_ratio=0.01, top_mode_share=1.0, grounding_r1=None ->
     ["unique_ratio", "near_unique_ratio", "top_mode_share"].
@@ -99,12 +88,6 @@ def tripped_rules(report: DiversityReport, thresholds: GuardThresholds) -> list[
         tripped.append("top_mode_share")
     if report.grounding_r1 is not None and report.grounding_r1 < thresholds.min_grounding_r1:
         tripped.append("grounding_r1")
-    content = getattr(report, "content_unique_ratio", None)   # None: not computed (no content keys)
-    if content is not None and content < thresholds.min_content_unique_ratio:
-        tripped.append("content_unique_ratio")
-    looping = getattr(report, "degenerate_share", None)       # None: not computed (offline reports)
-    if looping is not None and looping > thresholds.max_degenerate_share:
-        tripped.append("degenerate_share")
     return tripped
 
 

@@ -23,7 +23,6 @@ import numpy as np
 
 from capguard.models.config import GenerationConfig
 from capguard.models.decoding import effective
-from capguard.models.degenerate import Degeneration, degeneration
 from capguard.models.stack import CaptionOutput, CaptionStack
 from capguard.server.batcher import QueueFull
 from capguard.server.decode import DecodedVideo, DecodeFailed
@@ -56,7 +55,6 @@ class CaptionJob:
 class CaptionResult:
     output: CaptionOutput        # caption, tokens, score, embeddings
     guard: GuardState            # the verdict right after this caption was observed
-    degenerate: Degeneration | None   # the caption loops or hit max_new_tokens (capguard.models.degenerate)
     stages_ms: dict[str, float]  # encode/generate/score of the whole batch this video was in
 
 
@@ -139,19 +137,11 @@ def run_batch(state: AppState, jobs: list[CaptionJob]) -> list[CaptionResult]:
     """Caption one batch (same checkpoint) on the model thread; commit to the log; feed the guard."""
     outputs, stages = generate(jobs)
     stages_ms = {stage: round(seconds * 1000, 3) for stage, seconds in stages.items()}
-    loops = [degeneration(out.caption, out.num_tokens, job.generation.max_new_tokens)
-             for job, out in zip(jobs, outputs, strict=True)]
-    log_captions(state, jobs, outputs, stages_ms, loops)
+    log_captions(state, jobs, outputs, stages_ms)
     guard = state.guards.get(jobs[0].checkpoint)
-    states = [observe(guard, job, out, looping(d)) for job, out, d in zip(jobs, outputs, loops, strict=True)]
-    record(state, jobs[0].checkpoint, outputs, states, stages, loops)
-    return [CaptionResult(out, guard_state, d, stages_ms)
-            for out, guard_state, d in zip(outputs, states, loops, strict=True)]
-
-
-def looping(found: Degeneration | None) -> bool:
-    """Whether a caption counts toward the guard's degenerate_share: a loop, not a caption only cut at the limit."""
-    return found is not None and found.kind != "token_limit"
+    states = [observe(guard, job, out) for job, out in zip(jobs, outputs, strict=True)]
+    record(state, jobs[0].checkpoint, outputs, states, stages)
+    return [CaptionResult(out, guard_state, stages_ms) for out, guard_state in zip(outputs, states, strict=True)]
 
 
 def generate(jobs: list[CaptionJob]) -> tuple[list[CaptionOutput], dict[str, float]]:
@@ -164,36 +154,32 @@ def generate(jobs: list[CaptionJob]) -> tuple[list[CaptionOutput], dict[str, flo
 
 
 def log_captions(state: AppState, jobs: list[CaptionJob], outputs: list[CaptionOutput],
-                 stages_ms: dict[str, float], loops: list[Degeneration | None]) -> None:
+                 stages_ms: dict[str, float]) -> None:
     """One committed transaction for the batch: a caption is answered only once it is in the log."""
     state.storage.append([
         CaptionRecord(checkpoint=job.checkpoint, fingerprint=job.stack.fingerprint, video_sha256=job.video_sha256,
                       caption=out.caption, num_tokens=out.num_tokens, siglip=out.score, text_emb=out.text_emb,
                       video_emb=out.video_emb, timings_ms={"decode": job.decode_ms, **stages_ms, "batch": len(jobs)},
-                      decoding=effective(job.generation) | {"max_new_tokens": job.generation.max_new_tokens},
-                      degenerate=None if d is None else d.to_dict())
-        for job, out, d in zip(jobs, outputs, loops, strict=True)])
+                      decoding=effective(job.generation) | {"max_new_tokens": job.generation.max_new_tokens})
+        for job, out in zip(jobs, outputs, strict=True)])
 
 
-def observe(guard: Guard, job: CaptionJob, out: CaptionOutput, loops: bool = False) -> GuardState:
+def observe(guard: Guard, job: CaptionJob, out: CaptionOutput) -> GuardState:
     """guard.observe; a guard that fails (a bug, a changed scorer) is logged and must not fail the caption."""
     try:
-        return guard.observe(job.video_sha256, out.caption, out.text_emb, out.video_emb, out.score, looping=loops)
+        return guard.observe(job.video_sha256, out.caption, out.text_emb, out.video_emb, out.score)
     except Exception:  # noqa: BLE001 - the caption is already committed; answer it with the last verdict
         log.exception("guard of checkpoint %s failed to observe video %s", job.checkpoint, job.video_sha256[:12])
         return dataclasses.replace(guard.state(), newly_tripped=[])   # nothing tripped on this observe
 
 
 def record(state: AppState, name: str, outputs: list[CaptionOutput], states: list[GuardState],
-           stages: dict[str, float], loops: list[Degeneration | None]) -> None:
+           stages: dict[str, float]) -> None:
     """The batch's metrics: stage durations, captions and tokens, scores, the guard gauges and trips, and the
     guard history the page's chart draws."""
     metrics = state.metrics
     for stage, seconds in stages.items():
         metrics.stage_seconds.labels(stage).observe(seconds)
-    for found in loops:
-        if found is not None:
-            metrics.degenerate.labels(name, found.kind).inc()
     for out, guard_state in zip(outputs, states, strict=True):
         metrics.captions.labels(name).inc()
         metrics.tokens.labels(name).inc(out.num_tokens)

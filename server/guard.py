@@ -79,15 +79,11 @@ from capguard.models.rules import (
     check_threshold_names,
     tripped_rules,
 )
-from capguard.models.semantic import content_key, vendi_score
 
 logger = logging.getLogger(__name__)
 
 STATUSES = ("warming_up", "ok", "collapsed")
 _AUTO_WINDOW = 100  # the window whose full recompute per observation is cheap enough; see docstring
-# Vendi score cadence: a (d, d) eigen-decomposition costs about a whole observe, and a window of 100 changes
-# its Vendi score by ~1 % per caption (capguard.models.semantic.RunningVendi.SCORE_EVERY)
-VENDI_EVERY = 10
 _CACHE_MAX_WINDOW = 2048  # windows up to this keep pair similarities between recomputes (32 MB at most)
 _blas: ThreadpoolController | None = None  # numpy's BLAS pools, found on first use
 
@@ -118,9 +114,6 @@ class GuardSettings:
     recompute_every: int | None = None
     clear_after: int = CLEAR_AFTER    # hysteresis: consecutive passing evaluations before a tripped rule clears
     top_modes: int = 5       # modes (representative captions) kept in the state for the API and the logs
-    # content keys per caption (capguard.models.semantic, kiwipiepy): the content_unique_ratio rule; the
-    # analyser loads once per process (~7-10 s; the server warms it up at start)
-    content_keys: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.thresholds, GuardThresholds):
@@ -177,9 +170,6 @@ class GuardState:
     thresholds: dict                  # the rules in force, so a response explains itself
     metrics_age: int = 0              # observations since near_unique/top_mode/grounding/modes were computed
     clears_in: dict = field(default_factory=dict)  # tripped rule now passing -> passing evaluations still needed
-    content_unique_ratio: float | None = None   # distinct content keys / captions (live); None: content keys off
-    degenerate_share: float | None = None       # captions that loop inside themselves / captions (live)
-    vendi: float | None = None        # Vendi score of the window's text embeddings (every VENDI_EVERY observations)
 
     def to_dict(self) -> dict:
         """JSON-able dict: plain Python types, nan/inf as None (JSON has no nan)."""
@@ -195,8 +185,6 @@ class _Row:
     text_emb: np.ndarray | None    # (E,) float32, set together with video_emb or not at all
     video_emb: np.ndarray | None   # (E,) float32
     siglip: float | None
-    content: str | None            # capguard.models.semantic.content_key(caption); None with content keys off
-    looping: bool                  # the caption loops inside itself (capguard.models.degenerate)
 
 
 class Guard:
@@ -213,12 +201,9 @@ class Guard:
     # ------------------------------------------------------------------ public API
 
     def observe(self, video_sha256: str, caption: str, text_emb: np.ndarray | None = None,
-                video_emb: np.ndarray | None = None, siglip: float | None = None, looping: bool = False) -> GuardState:
-        """Add one caption (refreshing its video if already in the window) and return the new verdict.
-
-        looping: the caption repeats itself (capguard.models.degenerate found a repeated sentence or phrase).
-        """
-        row = self._make_row(video_sha256, caption, text_emb, video_emb, siglip, looping)
+                video_emb: np.ndarray | None = None, siglip: float | None = None) -> GuardState:
+        """Add one caption (refreshing its video if already in the window) and return the new verdict."""
+        row = self._make_row(video_sha256, caption, text_emb, video_emb, siglip)
         with self._lock:
             self._check_dim(row)
             self._step(video_sha256, row)
@@ -247,7 +232,7 @@ class Guard:
                 raise ValueError(f"restore row {i} lacks {exc}; rows need video_sha256 and caption "
                                  "(text_emb, video_emb, siglip optional)") from None
             prepared.append((sha, self._make_row(sha, caption, raw.get("text_emb"), raw.get("video_emb"),
-                                                 raw.get("siglip"), bool(raw.get("looping", False)))))
+                                                 raw.get("siglip"))))
         dims = {row.text_emb.shape[0] for _, row in prepared if row.text_emb is not None}
         if len(dims) > 1:
             raise ValueError(f"restore rows mix embedding sizes {sorted(dims)}; they come from different scorers. "
@@ -255,9 +240,7 @@ class Guard:
         with self._lock:
             self._reset_locked()
             self._replaying = True  # the tail's transitions are history, not news: one summary line below
-            # the tail also spans a whole block of VENDI_EVERY observations, so the Vendi score is computed
-            # at the same observation as on a guard that saw every row
-            tail = max(0, len(prepared) - max(self.settings.clear_after + 1, VENDI_EVERY))
+            tail = max(0, len(prepared) - (self.settings.clear_after + 1))
             try:
                 for i, (sha, row) in enumerate(prepared):
                     if i >= tail:
@@ -281,10 +264,6 @@ class Guard:
         self._emb_dim = 0             # their size E (meaningful while _emb_rows > 0)
         self._siglip_sum = 0.0        # running sum over rows with a score (re-summed every `window` observations)
         self._siglip_rows = 0
-        self._content_counts: Counter[str] = Counter()   # content key -> rows in the window with it
-        self._looping_rows = 0        # rows whose caption loops
-        self._vendi: float | None = None   # last Vendi score, and the observation it was computed at
-        self._vendi_at = -VENDI_EVERY
         self._observations = 0        # since reset; paces the recomputes
         self._report: DiversityReport | None = None  # last full recompute
         self._report_at = 0           # self._observations when it was computed
@@ -296,7 +275,7 @@ class Guard:
         self._replaying = False       # restore() is observing its tail: no per-transition logs
         self._state = self._publish([])
 
-    def _make_row(self, video_sha256, caption, text_emb, video_emb, siglip, looping=False) -> _Row:
+    def _make_row(self, video_sha256, caption, text_emb, video_emb, siglip) -> _Row:
         """Validate one observation (no lock needed: touches no state)."""
         if not isinstance(video_sha256, str) or not video_sha256:
             raise TypeError(f"video_sha256 must be a non-empty str (the upload's content hash), got {video_sha256!r}")
@@ -321,8 +300,7 @@ class Guard:
                 logger.warning("guard %s: non-finite SigLIP score for video %s dropped; check the scorer",
                                self.checkpoint, video_sha256[:12])
                 siglip = None
-        content = content_key(caption) if self.settings.content_keys else None
-        return _Row(caption, key, text_emb, video_emb, siglip, content, bool(looping))
+        return _Row(caption, key, text_emb, video_emb, siglip)
 
     def _check_dim(self, row: _Row) -> None:
         if row.text_emb is not None and self._emb_rows and row.text_emb.shape[0] != self._emb_dim:
@@ -341,11 +319,6 @@ class Guard:
         if row.siglip is not None:
             self._siglip_sum += sign * row.siglip
             self._siglip_rows += sign
-        if row.content is not None:
-            self._content_counts[row.content] += sign
-            if not self._content_counts[row.content]:
-                del self._content_counts[row.content]
-        self._looping_rows += sign * row.looping
         if row.text_emb is not None:
             self._emb_rows += sign
             self._emb_dim = row.text_emb.shape[0]
@@ -379,14 +352,6 @@ class Guard:
                 r1, margin = grounding(np.stack([r.text_emb for r in scored]),    # (m, E)
                                        np.stack([r.video_emb for r in scored]))   # (m, E)
             report = replace(report, grounding_r1=r1, grounding_margin=margin)
-            # O(n d^2) + a (d, d) eig: on the first recompute of each block of VENDI_EVERY observations (so a
-            # restored guard computes it at the same observation as one that saw every caption)
-            if self._vendi is None or self._observations // VENDI_EVERY != self._vendi_at // VENDI_EVERY:
-                with _one_blas_thread():
-                    self._vendi = vendi_score(np.stack([r.text_emb for r in scored]))   # (m, E)
-                self._vendi_at = self._observations
-        else:
-            self._vendi = None
         self._report, self._report_at = report, self._observations
         logger.debug("guard %s: recomputed %d captions in %.1f ms", self.checkpoint, len(rows),
                      1e3 * (time.perf_counter() - started))
@@ -440,9 +405,7 @@ class Guard:
             self._recompute()
         n = len(self._rows)
         return replace(self._report, n=n, unique=len(self._key_counts), unique_ratio=len(self._key_counts) / n,
-                       repeat_probability=1.0 - self._singletons / n, vendi=self._vendi,
-                       content_unique_ratio=len(self._content_counts) / n if self.settings.content_keys else None,
-                       degenerate_share=self._looping_rows / n)
+                       repeat_probability=1.0 - self._singletons / n)
 
     def _publish(self, newly: list[str]) -> GuardState:
         n = len(self._rows)
@@ -466,9 +429,6 @@ class Guard:
             thresholds=asdict(self.settings.thresholds),
             metrics_age=self._observations - self._report_at if report else 0,
             clears_in=clears_in,
-            content_unique_ratio=(len(self._content_counts) / n if n and self.settings.content_keys else None),
-            degenerate_share=self._looping_rows / n if n else None,
-            vendi=jsonable(self._vendi) if self._vendi is not None else None,
         )
 
 

@@ -8,10 +8,6 @@
 | capguard_generated_tokens_total             | counter   | checkpoint       | tokens generated (EOS excluded)   |
 | capguard_guard_trips_total                  | counter   | checkpoint, rule | guard rules that tripped          |
 | capguard_fallbacks_total                    | counter   | requested, served | requests answered by another checkpoint (collapse_policy=fallback) |
-| capguard_degenerate_captions_total          | counter   | checkpoint, kind | captions that loop (repeated_sentence, repeated_ngram) or hit max_new_tokens (token_limit) |
-| capguard_window_content_unique_ratio        | gauge     | checkpoint       | 0-1                               |
-| capguard_window_degenerate_share            | gauge     | checkpoint       | 0-1                               |
-| capguard_window_vendi_score                 | gauge     | checkpoint       | effective distinct meanings, 1-n  |
 | capguard_stage_duration_seconds             | histogram | stage            | decode per video; encode, generate, score per batch |
 | capguard_siglip_score                       | histogram | checkpoint       | scorer probability (0-1)          |
 | capguard_batch_size                         | histogram |                  | videos per model call             |
@@ -60,9 +56,6 @@ WINDOW_GAUGES = {
     "repeat_probability": "window_repeat_probability",
     "siglip_mean": "window_siglip_mean",
     "grounding_r1": "window_grounding_r1",
-    "content_unique_ratio": "window_content_unique_ratio",
-    "degenerate_share": "window_degenerate_share",
-    "vendi": "window_vendi_score",
 }
 
 
@@ -75,8 +68,6 @@ class Metrics:
         self.captions = Counter("capguard_captions", "Captions served", ["checkpoint"], registry=r)
         self.tokens = Counter("capguard_generated_tokens", "Tokens generated", ["checkpoint"], registry=r)
         self.trips = Counter("capguard_guard_trips", "Guard rules that tripped", ["checkpoint", "rule"], registry=r)
-        self.degenerate = Counter("capguard_degenerate_captions", "Captions that loop inside themselves or hit "
-                                  "max_new_tokens, by kind", ["checkpoint", "kind"], registry=r)
         self.fallbacks = Counter("capguard_fallbacks", "Requests for a collapsed checkpoint answered by another "
                                  "(collapse_policy=fallback)", ["requested", "served"], registry=r)
         self.stage_seconds = Histogram("capguard_stage_duration_seconds",

@@ -108,9 +108,6 @@ class GuardInfo(BaseModel):
     modes: list[GuardMode]              # top clusters, largest first
     thresholds: dict[str, int | float | None]   # the rules in force, so a response explains itself
     metrics_age: int                    # observations since the clustering figures were computed
-    content_unique_ratio: float | None = None   # distinct content keys (kiwipiepy) / captions; null: off
-    degenerate_share: float | None = None       # captions that loop inside themselves / captions
-    vendi: float | None = None          # Vendi score of the text embeddings: effective distinct meanings (1-n)
     clears_in: dict[str, int]           # tripped rule now passing -> passing evaluations still needed
 
 
@@ -125,17 +122,6 @@ class Decoding(BaseModel):
     num_beams: int
     repetition_penalty: float
     seed: int | None            # send it back with the same video and checkpoint to get the same caption
-
-
-class Degenerate(BaseModel):
-    """A caption that loops inside itself or was cut at max_new_tokens (capguard.models.degenerate)."""
-
-    kind: Literal["repeated_sentence", "repeated_ngram", "token_limit"]
-    period: int                 # units in one copy of the loop (Hangul syllable 1, other word 2); 0: token_limit
-    repeats: float              # copies in the run (a trailing partial copy as a fraction)
-    coverage: float             # share of the caption inside the run, 0-1
-    text: str                   # one copy of the repeating phrase or sentence ("" for token_limit)
-    hit_token_limit: bool       # generation stopped at max_new_tokens
 
 
 class Fallback(BaseModel):
@@ -159,9 +145,6 @@ class GuardPoint(BaseModel):
     grounding_r1: float | None
     siglip_mean: float | None
     repeat_probability: float | None
-    content_unique_ratio: float | None = None
-    degenerate_share: float | None = None
-    vendi: float | None = None  # not 0-1 (1 to the window's size): listed in points, not drawn
 
 
 class RuleLine(BaseModel):
@@ -185,7 +168,6 @@ class CaptionResponse(BaseModel):
     checkpoint: str             # the checkpoint that wrote it (the fallback one under collapse_policy=fallback)
     fallback: Fallback | None = None   # set when `checkpoint` is not the one asked for (collapse_policy=fallback)
     decoding: Decoding          # the decoding options in effect
-    degenerate: Degenerate | None = None   # set when the caption loops or hit max_new_tokens
     fingerprint: str            # sha256 of its weights
     video_sha256: str
     frames: FramesInfo

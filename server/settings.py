@@ -115,10 +115,6 @@ class Settings(BaseSettings):
     guard_max_top_mode_share: float = Field(GuardThresholds.max_top_mode_share, ge=0, le=1)
     guard_min_grounding_r1: float = Field(GuardThresholds.min_grounding_r1, ge=0, le=1)
     guard_near_dup_threshold: float = Field(rules.NEAR_DUP_THRESHOLD, gt=0, le=1)
-    guard_min_content_unique_ratio: float = Field(GuardThresholds.min_content_unique_ratio, ge=0, le=1)
-    guard_max_degenerate_share: float = Field(GuardThresholds.max_degenerate_share, ge=0, le=1)
-    # content keys need kiwipiepy (loaded in the background at start, ~7-10 s); off: no content_unique rule
-    guard_content_keys: bool = True
     guard_clear_after: int = Field(rules.CLEAR_AFTER, ge=1)     # passing evaluations before a tripped rule clears
     guard_recompute_every: int | None = Field(None, ge=1)   # None: the guard's auto pacing
     # what a collapsed checkpoint does: "flag" serves and says so, "reject" answers 503,

@@ -15,12 +15,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from capguard.models import semantic
 from capguard.models.stack import CaptionStack
 from capguard.models.video import VideoLimits
 from capguard.server.batcher import Batcher
@@ -60,8 +58,6 @@ class AppState:
         A default checkpoint that cannot load is logged, not raised: /readyz answers 503 until one is activated.
         """
         await asyncio.to_thread(self.decoder.start)
-        if self.settings.guard_content_keys:   # the content_unique rule's analyser (~7-10 s), off the first request
-            threading.Thread(target=semantic.warm_up, name="capguard-kiwi-warm-up", daemon=True).start()
         self.batcher.start()
         self.evaluations.start()
         default = self.settings.default_checkpoint

@@ -35,14 +35,13 @@ CREATE TABLE IF NOT EXISTS captions (
     text_emb     BLOB,               -- float32 (E,), L2-normalized
     video_emb    BLOB,               -- float32 (E,)
     timings      TEXT NOT NULL,      -- JSON {stage: milliseconds}
-    decoding     TEXT,               -- JSON: the effective decoding options (models/decoding.py effective)
-    degenerate   TEXT                -- JSON: the caption's loop (models/degenerate.py), NULL for a normal one
+    decoding     TEXT                -- JSON: the effective decoding options (models/decoding.py effective)
 );
 CREATE INDEX IF NOT EXISTS captions_by_checkpoint ON captions (checkpoint, id);
 """
 # Columns added after the first release: (name, SQL type). A log written by an older server gets them on
 # open (ALTER TABLE ... ADD COLUMN: old rows read NULL, i.e. "not recorded"), so no data is rewritten.
-ADDED_COLUMNS = (("decoding", "TEXT"), ("degenerate", "TEXT"))
+ADDED_COLUMNS = (("decoding", "TEXT"),)
 
 
 @dataclass
@@ -58,7 +57,6 @@ class CaptionRecord:
     timings_ms: dict[str, float] = field(default_factory=dict)   # per stage, for audits of slow answers
     created_at: float = field(default_factory=time.time)          # unix seconds
     decoding: dict | None = None     # effective decoding options + max_new_tokens; None: not recorded
-    degenerate: dict | None = None   # Degeneration.to_dict() when the caption loops or hit its token limit
 
 
 def _blob(vector: np.ndarray | None) -> bytes | None:
@@ -89,13 +87,11 @@ class CaptionLog:
         """Write `records` in one transaction; returns once they are committed."""
         rows = [(r.created_at, r.checkpoint, r.fingerprint, r.video_sha256, r.caption, r.num_tokens, r.siglip,
                  _blob(r.text_emb), _blob(r.video_emb), json.dumps(r.timings_ms),
-                 None if r.decoding is None else json.dumps(r.decoding),
-                 None if r.degenerate is None else json.dumps(r.degenerate, ensure_ascii=False)) for r in records]
+                 None if r.decoding is None else json.dumps(r.decoding)) for r in records]
         with self._lock, transaction(self._conn):
             self._conn.executemany(
                 "INSERT INTO captions (created_at, checkpoint, fingerprint, video_sha256, caption, num_tokens,"
-                " siglip, text_emb, video_emb, timings, decoding, degenerate) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows)
+                " siglip, text_emb, video_emb, timings, decoding) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     def recent(self, checkpoint: str, limit: int, fingerprint: str | None = None) -> list[dict]:
         """The newest caption of each of the `limit` most recently captioned videos, oldest first.
@@ -111,16 +107,14 @@ class CaptionLog:
             args.append(fingerprint)
         with self._lock:
             rows = self._conn.execute(
-                f"SELECT video_sha256, caption, siglip, text_emb, video_emb, fingerprint, created_at, decoding, degenerate"
+                f"SELECT video_sha256, caption, siglip, text_emb, video_emb, fingerprint, created_at, decoding"
                 f" FROM captions"
                 f" WHERE id IN (SELECT MAX(id) FROM captions WHERE {where} GROUP BY video_sha256"
                 f" ORDER BY MAX(id) DESC LIMIT ?) ORDER BY id", [*args, limit]).fetchall()
         return [{"video_sha256": sha, "caption": caption, "siglip": siglip, "text_emb": _vector(text),
                  "video_emb": _vector(video), "fingerprint": fp, "created_at": created,
-                 "decoding": None if decoding is None else json.loads(decoding),
-                 "degenerate": None if loop is None else json.loads(loop),
-                 "looping": loop is not None and json.loads(loop).get("kind") != "token_limit"}
-                for sha, caption, siglip, text, video, fp, created, decoding, loop in rows]
+                 "decoding": None if decoding is None else json.loads(decoding)}
+                for sha, caption, siglip, text, video, fp, created, decoding in rows]
 
     def count(self, checkpoint: str | None = None) -> int:
         with self._lock:

@@ -515,8 +515,7 @@ def test_tripped_rules(figures, expected):
 
 def test_tripped_rules_follow_the_thresholds():
     assert tripped_rules(_report(), GuardThresholds(min_unique_ratio=0.9)) == ["unique_ratio"]
-    assert set(RULES) == {"unique_ratio", "near_unique_ratio", "top_mode_share", "grounding_r1",
-                          "content_unique_ratio", "degenerate_share"}
+    assert set(RULES) == {"unique_ratio", "near_unique_ratio", "top_mode_share", "grounding_r1"}
 
 
 def test_field_report_epoch_4_trips_every_text_rule():

@@ -326,8 +326,7 @@ def test_to_dict_is_strict_json():
     assert states[-1].to_dict()["status"] == "collapsed"
     assert states[-1].to_dict()["thresholds"] == {"min_unique_ratio": 0.5, "min_near_unique_ratio": 0.5,
                                                   "max_top_mode_share": 0.2, "min_grounding_r1": 0.1,
-                                                  "near_dup_threshold": 0.9, "min_content_unique_ratio": 0.5,
-                                                  "max_degenerate_share": 0.1}
+                                                  "near_dup_threshold": 0.9}
 
 
 def test_bad_inputs():

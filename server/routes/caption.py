@@ -24,7 +24,6 @@ from capguard.server.schemas import (
     CaptionOptions,
     CaptionResponse,
     Decoding,
-    Degenerate,
     Fallback,
     FramesInfo,
     GuardInfo,
@@ -84,7 +83,6 @@ async def caption(request: Request, state: State) -> CaptionResponse:
     fallback = None if choice.fallback_from is None else Fallback(requested=choice.fallback_from, reason=choice.reason)
     return CaptionResponse(
         caption=out.caption, checkpoint=name, fallback=fallback, decoding=Decoding(**effective(gen)),
-        degenerate=None if result.degenerate is None else Degenerate(**result.degenerate.to_dict()),
         fingerprint=stack.fingerprint, video_sha256=upload.sha256,
         frames=FramesInfo(count=len(video.indices), indices=video.indices, timestamps_s=video.timestamps_s),
         scores=Scores(siglip=out.score), guard=GuardInfo.model_validate(result.guard.to_dict()),
