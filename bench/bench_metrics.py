@@ -9,9 +9,11 @@
 2. Per window: a guard as the server configures it (settings defaults, the checkpoint's own
    thresholds) filled with ``window`` distinct captions (bench/bench_guard.py's worst-case stream:
    every caption distinct), then ``--observations`` requests' worth of the work the server adds to a
-   caption, each timed: ``guard.observe`` and the metric updates of ``run_batch`` (model thread),
+   caption, each timed: the loop check (``degeneration``) and ``guard.observe`` (content key, running
+   counts, running Vendi) and the metric updates of ``run_batch`` (model thread),
    ``state().to_dict()`` for the response, the request counter and histogram of the middleware.
-   The observations are the stack's real captions and embeddings, on fresh videos. At window
+   The observations are the stack's real captions and embeddings, on fresh videos; the content-key
+   cache of whole captions is cleared before each (a server sees new captions made of known words). At window
    10,000 the guard recomputes its clustered figures once per 10,000 observations; that one
    observation is in the mean (and is the max).
 3. /metrics scrape: the real app (``create_app``, TestClient, no network) with the caption log
@@ -76,6 +78,8 @@ def guard_settings(window: int, stack_guard: dict):
 
 def added_work(window: int, outputs: list, stack_guard: dict, observations: int) -> tuple[np.ndarray, np.ndarray]:
     """Seconds of (guard.observe, everything else) for each of `observations` requests, after a full window."""
+    from capguard.models import semantic
+    from capguard.models.degenerate import degeneration
     from capguard.server.guard import Guard
     from capguard.server.metrics import Metrics
 
@@ -87,9 +91,14 @@ def added_work(window: int, outputs: list, stack_guard: dict, observations: int)
     guard_s, other_s = np.empty(n), np.empty(n)
     for i in range(n):
         out = outputs[i % len(outputs)]
+        semantic.content_key.cache_clear()   # a new caption, known words: the word cache stays warm
         started = time.perf_counter()
-        state = guard.observe(f"{i:064x}", out.caption, out.text_emb, out.video_emb, out.score)   # follow-up thread
+        loop = degeneration(out.caption, out.num_tokens, 48)                                      # run_batch
+        state = guard.observe(f"{i:064x}", out.caption, out.text_emb, out.video_emb, out.score,
+                              degenerate=None if loop is None else loop.kind)                     # model thread
         observed = time.perf_counter()
+        if loop is not None:
+            metrics.degenerate.labels("demo", loop.kind).inc()
         for stage in ("encode", "generate", "score"):
             metrics.stage_seconds.labels(stage).observe(0.01)
         metrics.captions.labels("demo").inc()

@@ -22,6 +22,7 @@ the distances between repeated unit bigrams), tens of microseconds for a demo ca
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -29,6 +30,9 @@ import numpy as np
 from capguard.models.diversity import caption_key, normalize_caption
 
 KINDS = ("repeated_sentence", "repeated_ngram", "token_limit")  # the ``kind`` values, for counters and tests
+# The kinds that are loops: what the guard's degenerate_share counts. A caption merely cut at max_new_tokens
+# is not one (a healthy captioner with a tight limit is cut often); it is still returned and counted per kind.
+LOOP_KINDS = ("repeated_sentence", "repeated_ngram")
 
 # Thresholds, in units (Hangul syllable = 1, other word = LATIN_WORD_UNITS); each with its reason.
 # Three copies in a row covering >= 7 units: natural text does not ("반짝반짝" is 2 copies of 2, "하하하"
@@ -169,4 +173,12 @@ def degeneration(caption: str, num_tokens: int | None = None, max_new_tokens: in
     return None
 
 
-__all__ = ["KINDS", "Degeneration", "degeneration", "units"]
+def degenerate_share(kinds: Sequence[str | None]) -> float:
+    """Share of captions whose degeneration kind is a loop (``LOOP_KINDS``); n == 0 -> nan.
+
+    Example: ["repeated_ngram", None, "token_limit", None] -> 1/4 = 0.25.
+    """
+    return sum(kind in LOOP_KINDS for kind in kinds) / len(kinds) if len(kinds) else float("nan")
+
+
+__all__ = ["KINDS", "LOOP_KINDS", "Degeneration", "degenerate_share", "degeneration", "units"]

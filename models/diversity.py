@@ -605,6 +605,12 @@ class DiversityReport:
     grounding_margin: float | None   # same
     modes: list[Mode]                # the top_k clusters: what the model keeps saying
     near_dup_threshold: float = NEAR_DUP_THRESHOLD  # the similarity the clusters used, so a report explains itself
+    # Distinct content-morpheme keys / captions (capguard.models.semantic); None when not computed
+    content_unique_ratio: float | None = None
+    # Vendi score of the text embeddings: effective number of captions by meaning (1..n); None without them
+    vendi_score: float | None = None
+    # Share of captions that loop inside themselves (capguard.models.degenerate.LOOP_KINDS); None: not computed
+    degenerate_share: float | None = None
 
     def to_dict(self) -> dict:
         """JSON-able dict; nan becomes None (JSON has no nan).
@@ -617,10 +623,16 @@ class DiversityReport:
 def diversity_report(captions: Sequence[str], text_emb: np.ndarray | None = None,
                      video_emb: np.ndarray | None = None, near_dup_threshold: float = NEAR_DUP_THRESHOLD,
                      top_k: int = 5, with_self_bleu: bool = True, with_distinct_n: bool = True,
-                     keys: list[str] | None = None, cache: SimilarityCache | None = None) -> DiversityReport:
+                     keys: list[str] | None = None, cache: SimilarityCache | None = None,
+                     with_content: bool = True, content_keys: Sequence[str] | None = None,
+                     degenerate: Sequence[str | None] | None = None) -> DiversityReport:
     """All metrics for one set of captions, normalizing and clustering once.
 
-    Grounding needs both embeddings (row i = caption i / its video), else its fields are None.
+    Grounding and the Vendi score need the embeddings (row i = caption i / its video), else they are None.
+    ``content_unique_ratio`` reads ``capguard.models.semantic.content_key`` of each caption (pass
+    ``content_keys`` if already known; ``with_content=False`` skips it, and the ~10 s kiwipiepy load, -> None).
+    ``degenerate_share`` reads the per-caption degeneration kinds (``degenerate``: one kind or None per
+    caption, as the server computed them with the token counts), else ``degeneration(caption)`` of each.
     For a live window (the guard): ``keys`` = the captions' ``caption_key``s if already known, ``cache`` = a
     ``SimilarityCache`` kept between calls (only new captions are scored), ``with_self_bleu`` and
     ``with_distinct_n`` False to skip figures no rule reads (their fields are then None). Same figures.
@@ -638,8 +650,20 @@ def diversity_report(captions: Sequence[str], text_emb: np.ndarray | None = None
     n = len(keys)
     if text_emb is not None and len(text_emb) != n:
         raise ValueError(f"{len(text_emb)} embedding rows for {n} captions; pass one row per caption")
+    if content_keys is not None and len(content_keys) != n:
+        raise ValueError(f"{len(content_keys)} content keys for {n} captions; pass content_key(c) for each caption")
+    if degenerate is not None and len(degenerate) != n:
+        raise ValueError(f"{len(degenerate)} degeneration kinds for {n} captions; pass one (or None) per caption")
+    # imported here: both modules build on this one's normalization
+    from capguard.models.degenerate import degenerate_share, degeneration
+    from capguard.models.semantic import content_key, vendi_score
+
     clusters, modes = _clusters(captions, keys, near_dup_threshold, cache, top_k)
     r1, margin = grounding(text_emb, video_emb) if text_emb is not None else (None, None)
+    if content_keys is None and with_content:
+        content_keys = [content_key(c) for c in captions]
+    if degenerate is None:
+        degenerate = [getattr(degeneration(c), "kind", None) for c in captions]
     counts = Counter(keys)
     unique = len(counts)
     return DiversityReport(
@@ -657,6 +681,9 @@ def diversity_report(captions: Sequence[str], text_emb: np.ndarray | None = None
         grounding_margin=margin,
         modes=modes,
         near_dup_threshold=near_dup_threshold,
+        content_unique_ratio=(len(set(content_keys)) / n if n else NAN) if content_keys is not None else None,
+        vendi_score=(vendi_score(text_emb) if n else NAN) if text_emb is not None else None,
+        degenerate_share=degenerate_share(degenerate),
     )
 
 

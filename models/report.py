@@ -60,7 +60,7 @@ def main_table(rows: list[dict]) -> str:
     """The field report's table: Checkpoint | Unique captions | Diversity | SigLIP | ... | Representative
     caption, plus the near-duplicate, mode, grounding and verdict columns the report lacked."""
     head = ("Checkpoint", "Unique captions", "Diversity", "SigLIP", "Near-unique", "Top mode share",
-            "Grounding R@1", "Verdict", "Representative caption")
+            "Grounding R@1", "Content-unique", "Looping", "Verdict", "Representative caption")
     body = []
     for r in rows:
         body.append(
@@ -72,6 +72,8 @@ def main_table(rows: list[dict]) -> str:
             f"<td class=\"num\">{_e(r['near_unique'])}/{_e(r['n'])}</td>"
             f"<td class=\"num\">{_num(r['top_mode_share'])}</td>"
             f"<td class=\"num\">{_num(r['grounding_r1'])}</td>"
+            f"<td class=\"num\">{_num(r.get('content_unique_ratio'))}</td>"   # .get: reports older than the rules
+            f"<td class=\"num\">{_num(r.get('degenerate_share'))}</td>"
             f"<td>{_verdict(r)}</td>"
             f"<td>&ldquo;{_e(r['top_mode'])}&rdquo;</td>"
             "</tr>")
@@ -82,7 +84,7 @@ def detail_table(rows: list[dict]) -> str:
     """Every other figure per checkpoint; the reference columns only when some row has them."""
     columns = [("repeat_probability", "Repeat prob."), ("distinct_1", "Distinct-1"),
                ("distinct_2", "Distinct-2"), ("self_bleu", "Self-BLEU"), ("siglip_median", "SigLIP median"),
-               ("grounding_margin", "Grounding margin")]
+               ("grounding_margin", "Grounding margin"), ("vendi_score", "Vendi score")]
     for key, label in (("bleu", "BLEU"), ("chrf", "chrF"), ("cider_d", "CIDEr-D"),
                        ("attribute_accuracy", "Attribute acc.")):
         if any(r.get(key) is not None for r in rows):
@@ -205,10 +207,14 @@ def render_html(report: dict) -> str:
         items = "".join(f"<li>{_e(w.get('message'))}</li>" for w in warnings)
         warning_html = f'<div class="warnings" id="warnings"><strong>Warnings</strong><ul>{items}</ul></div>'
     rho = correlation.get("rho")
-    correlation_html = (f"<p>Spearman rank correlation of SigLIP mean and diversity across the "
-                        f"{_e(correlation.get('n'))} checkpoints: <strong>{_num(rho)}</strong>. A negative "
-                        "value means SigLIP rewards the checkpoints that repeat themselves (the field "
-                        "report's trap).</p>")
+    if rho is None and correlation.get("note"):
+        correlation_html = (f"<p>Spearman rank correlation of SigLIP mean and diversity: {_e(correlation['note'])}"
+                            ". Read the SigLIP-rose-while-diversity-fell warning instead.</p>")
+    else:
+        correlation_html = (f"<p>Spearman rank correlation of SigLIP mean and diversity across the "
+                            f"{_e(correlation.get('n'))} checkpoints: <strong>{_num(rho)}</strong>. A negative "
+                            "value means SigLIP rewards the checkpoints that repeat themselves (the field "
+                            "report's trap).</p>")
     notes = "".join(f"<li><strong>{_e(k)}</strong>: {_e(v)}</li>"
                     for k, v in (run.get("metrics") or {}).items())
     thresholds = run.get("thresholds") or {}

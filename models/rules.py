@@ -24,7 +24,8 @@ MIN_CAPTIONS = 30    # no verdict below this: 3 repeats among 10 captions is noi
 # flap the status, short enough that a fixed checkpoint is cleared soon after its window turns healthy.
 CLEAR_AFTER = 10
 
-RULES = ("unique_ratio", "near_unique_ratio", "top_mode_share", "grounding_r1")  # names tripped_rules returns
+RULES = ("unique_ratio", "near_unique_ratio", "top_mode_share", "grounding_r1", "content_unique_ratio",
+         "degenerate_share")  # names tripped_rules returns, in this order
 NEAR_DUP_THRESHOLD = 0.9  # Indel similarity for "same caption": a 2-syllable swap in 35 is 0.94
 
 
@@ -48,9 +49,19 @@ class GuardThresholds:
     # 9-of-97 epoch is capped at 0.093.
     min_grounding_r1: float = 0.1
     near_dup_threshold: float = NEAR_DUP_THRESHOLD
+    # Distinct content-morpheme keys / captions (capguard.models.semantic): the exact-unique line read on content,
+    # particles, endings and word order ignored. Healthy demo 0.96-0.98 (greedy or sampled), 97 re-wordings of one
+    # generic sentence 0.12 (bench/RESULTS.md "Guard, second pass"): 0.5 sits far from both.
+    min_content_unique_ratio: float = 0.5
+    # Share of the window's captions that loop (capguard.models.degenerate: repeated sentence or phrase; a caption
+    # merely cut at max_new_tokens does not count). A healthy captioner loops ~never (0 of the 776 recorded
+    # demo/collapsed val captions), so 1 in 10 is already a broken decoder or checkpoint, while one odd video
+    # (1 in 100) is not.
+    max_degenerate_share: float = 0.1
 
     def __post_init__(self) -> None:
-        for name in ("min_unique_ratio", "min_near_unique_ratio", "max_top_mode_share", "min_grounding_r1"):
+        for name in ("min_unique_ratio", "min_near_unique_ratio", "max_top_mode_share", "min_grounding_r1",
+                     "min_content_unique_ratio", "max_degenerate_share"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"GuardThresholds.{name} is a ratio in [0, 1], got {value}")
@@ -74,10 +85,12 @@ def check_threshold_names(names: Iterable[str]) -> None:
 def tripped_rules(report: DiversityReport, thresholds: GuardThresholds) -> list[str]:
     """Names of the guard rules the report breaks, in ``RULES`` order; nan/None figures never trip.
 
-    grounding_r1 is checked only when the report has grounding.
+    grounding_r1 is checked only when the report has grounding; content_unique_ratio and degenerate_share only
+    when the report carries them (None: not computed).
 
-    Example: unique_ratio=0.01, near_unique_ratio=0.01, top_mode_share=1.0, grounding_r1=None ->
-    ["unique_ratio", "near_unique_ratio", "top_mode_share"].
+    Example: unique_ratio=0.01, near_unique_ratio=0.01, top_mode_share=1.0, grounding_r1=None,
+    content_unique_ratio=0.01, degenerate_share=0.0 ->
+    ["unique_ratio", "near_unique_ratio", "top_mode_share", "content_unique_ratio"].
     """
     tripped = []
     if report.unique_ratio < thresholds.min_unique_ratio:
@@ -88,6 +101,12 @@ def tripped_rules(report: DiversityReport, thresholds: GuardThresholds) -> list[
         tripped.append("top_mode_share")
     if report.grounding_r1 is not None and report.grounding_r1 < thresholds.min_grounding_r1:
         tripped.append("grounding_r1")
+    content = report.content_unique_ratio
+    if content is not None and content < thresholds.min_content_unique_ratio:
+        tripped.append("content_unique_ratio")
+    degenerate = report.degenerate_share
+    if degenerate is not None and degenerate > thresholds.max_degenerate_share:
+        tripped.append("degenerate_share")
     return tripped
 
 

@@ -153,7 +153,10 @@ def vendi_score(embeddings: np.ndarray) -> float:
 class RunningVendi:
     """Vendi score of a changing set of embeddings: X^T X kept as a running sum, O(d^2) per add or remove.
 
-    The eigen-decomposition of the (d, d) sum runs only when ``score()`` is asked, so a window that scores
+    Adds and removes are queued (O(d) each: the row is normalized and kept) and folded into the (d, d) sum as
+    two matrix products when the score is asked, A^T A - R^T R for the k rows in and out since: one BLAS
+    call instead of 2k Python-level outer products (~0.15 ms each for d = 128 on the loaded dev box). The
+    eigen-decomposition of the sum runs only when ``score()`` is asked, so a window that scores
     every k captions pays O(d^3) once per k: ``SCORE_EVERY`` is the cadence we recommend for a live window
     (the eigenvalues of a 128-dim sum cost about as much as the rest of the guard's work on one caption, and
     a window of 100 changes its Vendi score by ~1 % per caption, so a figure 10 captions old says the same).
@@ -162,11 +165,14 @@ class RunningVendi:
     """
 
     SCORE_EVERY = 10
+    FLUSH_ROWS = 256   # queued rows folded in without a score, so a long run of adds (a restore) stays small
 
     def __init__(self, dim: int):
         self.dim = dim
         self.n = 0
-        self._gram = np.zeros((dim, dim))                  # (d, d) sum of x x^T over the rows held
+        self._gram = np.zeros((dim, dim))                  # (d, d) sum of x x^T over the rows held, flushed
+        self._added: list[np.ndarray] = []                 # unit rows (d,) in since the last flush
+        self._removed: list[np.ndarray] = []               # unit rows (d,) out since the last flush
 
     def _row(self, x: np.ndarray) -> np.ndarray:
         row = np.asarray(x, dtype=np.float64).ravel()     # (d,)
@@ -178,23 +184,43 @@ class RunningVendi:
         return row / max(norm, 1e-12)
 
     def add(self, x: np.ndarray) -> None:
-        row = self._row(x)
-        self._gram += row[:, None] * row[None, :]      # (d, d) rank-1 update
+        self._added.append(self._row(x))
         self.n += 1
+        self._maybe_flush()
 
     def remove(self, x: np.ndarray) -> None:
         if self.n == 0:
             raise ValueError("RunningVendi.remove on an empty set")
-        row = self._row(x)
-        self._gram -= row[:, None] * row[None, :]
+        self._removed.append(self._row(x))
         self.n -= 1
+        self._maybe_flush()
 
     def replace(self, old: np.ndarray, new: np.ndarray) -> None:
-        """remove(old) + add(new) in one pass over the (d, d) sum: what a full rolling window does per caption."""
-        a, b = self._row(new), self._row(old)
-        self._gram += a[:, None] * a[None, :] - b[:, None] * b[None, :]
+        """remove(old) + add(new): what a full rolling window does per caption."""
+        self._removed.append(self._row(old))
+        self._added.append(self._row(new))
+        self._maybe_flush()
+
+    def _maybe_flush(self) -> None:
+        if len(self._added) + len(self._removed) >= self.FLUSH_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Fold the queued rows into the sum: gram += A^T A - R^T R, A (k_in, d), R (k_out, d).
+
+        The sum's float rounding depends on where flushes fall: a caller that must reproduce a figure bit for
+        bit (the guard's restore) flushes at the same points as the run it reproduces.
+        """
+        if self._added:
+            a = np.stack(self._added)                  # (k_in, d)
+            self._gram += a.T @ a
+        if self._removed:
+            r = np.stack(self._removed)                # (k_out, d)
+            self._gram -= r.T @ r
+        self._added, self._removed = [], []
 
     def reset(self, rows: np.ndarray | None = None) -> None:
+        self._added, self._removed = [], []
         if rows is None or len(rows) == 0:
             self._gram, self.n = np.zeros((self.dim, self.dim)), 0
             return
@@ -202,6 +228,7 @@ class RunningVendi:
         self._gram, self.n = x.T @ x, x.shape[0]
 
     def score(self) -> float:
+        self.flush()
         return _vendi_from_gram(self._gram, self.n)
 
 

@@ -5,8 +5,11 @@
 2. A small Llama-architecture LM, pre-trained on caption text.
 3. The captioner: stage 1 trains the projector only, stage 2 the projector and the LLM; warmup +
    cosine LR, gradient clipping, early stopping on validation loss. Every epoch is validated the
-   way capguard watches a server (one implementation: capguard.models.diversity) and written as a
-   checkpoint that points at the shared encoder (and at the pre-trained LLM while it is frozen).
+   way capguard watches a server (one implementation: capguard.models.diversity, through the
+   DiversityMonitor that capguard.callbacks wraps for other trainers), its captions written as
+   <run>/captions-epoch-N.jsonl, and written as a checkpoint that points at the shared encoder (and
+   at the pre-trained LLM while it is frozen). With ``stop_on_collapse`` N the run stops itself
+   after N collapsed epochs in a row and says which guard rules tripped.
 
 Vision features are computed once (the encoder is frozen while the captioner trains), so an
 epoch costs only projector + LLM work.
@@ -41,11 +44,11 @@ from capguard.models.components import (
     write_open_clip_dir,
 )
 from capguard.models.config import GenerationConfig, ScorerConfig, VisionConfig
-from capguard.models.diversity import diversity_report
 from capguard.models.encoder import FramePreprocessor, VisionEncoder, load_open_clip
 from capguard.models.evaluate.metrics import attribute_scores
+from capguard.models.monitor import DiversityMonitor
 from capguard.models.projector import build_projector
-from capguard.models.rules import GuardThresholds, tripped_rules
+from capguard.models.rules import GuardThresholds
 from capguard.models.scorer import Scorer, load_tokenizer, pool_frames
 from capguard.models.video import sample_frames
 
@@ -81,6 +84,11 @@ class TrainConfig:
     warmup_ratio: float = 0.1          # warmup + cosine decay, as in the field report's runs
     max_grad_norm: float = 1.0
     patience: int = 3                  # early stopping on validation loss
+    stop_on_collapse: int | None = None  # stop after this many collapsed epochs in a row (None: report only)
+    # epochs not counted towards stop_on_collapse: a projector-only stage 1 writes few distinct captions even
+    # in a run that turns healthy (MLP-2L here: 40/97 at epoch 1), while the field report's C-Abstractor
+    # collapsed from its first epoch on; 0 stops such a run earliest
+    collapse_warmup: int = 0
     weight_decay: float = 0.0
     seed: int = 0
     limit_train: int | None = None     # for smoke tests
@@ -248,11 +256,12 @@ class EpochStats:
     tripped: list[str]
     checkpoint: str
     seconds: float
+    stopped: str | None = None         # why training stopped here on collapse (the monitor's reason)
 
 
 def validate(captioner: Captioner, val_feats, val_rows, val_targets, scorer: Scorer, val_video_emb,
              batch: int, lang: str):
-    """Validation loss, greedy captions, their DiversityReport, SigLIP mean and attribute accuracy."""
+    """Validation loss, greedy captions, their (n, E) text embeddings, SigLIP per caption, attribute accuracy."""
     captioner.eval()
     losses, captions = [], []
     with torch.inference_mode():
@@ -261,11 +270,10 @@ def validate(captioner: Captioner, val_feats, val_rows, val_targets, scorer: Sco
             losses.append(captioner.loss(visual, [val_targets[i] for i in idx]).item() * len(idx))
             captions += [g.text for g in captioner.generate(visual, GenerationConfig(max_new_tokens=40))]
         text_emb = scorer.text_embeddings(captions)
-        siglip = float(scorer.scores(text_emb, val_video_emb).mean())
-    report = diversity_report(captions, text_emb.numpy(), val_video_emb.numpy(), with_self_bleu=False)
+        siglip = scorer.scores(text_emb, val_video_emb).tolist()
     attributes = attribute_scores(captions, [r.get("attributes") for r in val_rows], lang)
     accuracy = attributes["mean"] if attributes else None
-    return sum(losses) / len(val_rows), captions, report, siglip, accuracy
+    return sum(losses) / len(val_rows), captions, text_emb.numpy(), siglip, accuracy
 
 
 def train_captioner(cfg: TrainConfig, shared: Path, encoder: VisionEncoder, llm, tokenizer, scorer: Scorer,
@@ -278,7 +286,11 @@ def train_captioner(cfg: TrainConfig, shared: Path, encoder: VisionEncoder, llm,
     captioner = Captioner(encoder, projector, llm, tokenizer, "<video>\n")
     targets = [tokenizer(r["caption"], add_special_tokens=False)["input_ids"] for r in train_rows]
     val_targets = [tokenizer(r["caption"], add_special_tokens=False)["input_ids"] for r in val_rows]
-    thresholds = GuardThresholds()
+    monitor = DiversityMonitor(None, val_rows, ids=[r.get("id") or str(i) for i, r in enumerate(val_rows)],
+                               references=[r["caption"] for r in val_rows],
+                               video_paths=[r["abs_path"] for r in val_rows], out_dir=out,
+                               patience=cfg.stop_on_collapse, ignore_first=cfg.collapse_warmup,
+                               thresholds=GuardThresholds())
     history: list[EpochStats] = []
     rng = random.Random(cfg.seed)
     best, bad_epochs, epoch_no = float("inf"), 0, 0
@@ -306,8 +318,10 @@ def train_captioner(cfg: TrainConfig, shared: Path, encoder: VisionEncoder, llm,
                 sched.step()
                 total += loss.item() * len(idx)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-            val_loss, captions, diversity, siglip, accuracy = validate(
+            val_loss, captions, text_emb, siglip, accuracy = validate(
                 captioner, val_feats, val_rows, val_targets, scorer, val_video_emb, 32, cfg.lang)
+            judged = monitor.observe(captions, scores=siglip, text_emb=text_emb, video_emb=val_video_emb.numpy(),
+                                     epoch=epoch_no)
             ckpt = out / f"epoch-{epoch_no}"
             llm_rel = os.path.relpath(shared / "llm", ckpt)
             if stage == 2:   # the LLM changed: this epoch carries its own copy
@@ -320,20 +334,19 @@ def train_captioner(cfg: TrainConfig, shared: Path, encoder: VisionEncoder, llm,
                              options=cfg.projector_options, num_frames=cfg.num_frames, dtype=save_dtype,
                              info={"run": cfg.run, "stage": stage, "epoch": epoch_no, "seed": cfg.seed,
                                    "val_loss": round(val_loss, 4), "made_by": "capguard train"})
-            report = diversity.to_dict()
+            report = judged.report.to_dict()
             report["modes"] = report["modes"][:3]
             stats = EpochStats(stage, epoch_no, total / len(train_rows), val_loss, report,
-                               siglip, accuracy, tripped_rules(diversity, thresholds), str(ckpt),
-                               time.perf_counter() - start)
+                               judged.siglip_mean, accuracy, judged.tripped, str(ckpt),
+                               time.perf_counter() - start, judged.reason)
             history.append(stats)
-            (ckpt / "val_captions.jsonl").write_text("".join(
-                json.dumps({"id": r.get("id"), "caption": c, "reference": r["caption"]}, ensure_ascii=False) + "\n"
-                for r, c in zip(val_rows, captions, strict=True)), encoding="utf-8")
             log.info("epoch %d (stage %d): train %.3f val %.3f | unique %d/%d (%.2f) near %.2f top %.2f | "
                      "siglip %.3f | R@1 %s | attr %s | %s", epoch_no, stage, stats.train_loss, val_loss,
                      report["unique"], report["n"], report["unique_ratio"], report["near_unique_ratio"],
-                     report["top_mode_share"], siglip, _fmt(report.get("grounding_r1")), _fmt(accuracy),
+                     report["top_mode_share"], stats.siglip_mean, _fmt(report.get("grounding_r1")), _fmt(accuracy),
                      ",".join(stats.tripped) or "healthy")
+            if judged.should_stop:
+                break
             if val_loss < best - 1e-4:
                 best, bad_epochs = val_loss, 0
             else:
@@ -341,6 +354,8 @@ def train_captioner(cfg: TrainConfig, shared: Path, encoder: VisionEncoder, llm,
                 if bad_epochs >= cfg.patience:
                     log.info("early stopping after epoch %d (no val improvement in %d epochs)", epoch_no, bad_epochs)
                     break
+        if history and history[-1].stopped:
+            break
     (out / "history.json").write_text(json.dumps([asdict(h) for h in history], indent=1, ensure_ascii=False),
                                       encoding="utf-8")
     return history

@@ -7,8 +7,9 @@
 
 ``submit`` queues the job on the batcher; ``run_batch`` runs on the model thread for a whole batch of
 one checkpoint, in steps: ``generate`` (the model: encode, generate, score; each job decodes by its own
-options, capguard.models.sampling), ``log`` (one committed
-write to the caption log), ``observe`` (the guard), ``record`` (the metrics). ``generate`` is the
+options, capguard.models.sampling), ``log`` (one committed write to the caption log), ``degeneration``
+(does the caption loop, judged with its token count; tens of microseconds), ``observe`` (the guard),
+``record`` (the metrics). ``generate`` is the
 only step that touches the model: swapping how batches are generated changes that function alone.
 The answer leaves only after its caption is committed.
 """
@@ -23,6 +24,7 @@ import numpy as np
 
 from capguard.models.config import GenerationConfig
 from capguard.models.decoding import effective
+from capguard.models.degenerate import Degeneration, degeneration
 from capguard.models.stack import CaptionOutput, CaptionStack
 from capguard.server.batcher import QueueFull
 from capguard.server.decode import DecodedVideo, DecodeFailed
@@ -56,6 +58,7 @@ class CaptionResult:
     output: CaptionOutput        # caption, tokens, score, embeddings
     guard: GuardState            # the verdict right after this caption was observed
     stages_ms: dict[str, float]  # encode/generate/score of the whole batch this video was in
+    degenerate: Degeneration | None = None   # the caption loops or hit max_new_tokens (models/degenerate.py)
 
 
 # -- on the event loop ---------------------------------------------------------------------------------
@@ -139,9 +142,15 @@ def run_batch(state: AppState, jobs: list[CaptionJob]) -> list[CaptionResult]:
     stages_ms = {stage: round(seconds * 1000, 3) for stage, seconds in stages.items()}
     log_captions(state, jobs, outputs, stages_ms)
     guard = state.guards.get(jobs[0].checkpoint)
-    states = [observe(guard, job, out) for job, out in zip(jobs, outputs, strict=True)]
+    loops = [degeneration(out.caption, out.num_tokens, job.generation.max_new_tokens)
+             for job, out in zip(jobs, outputs, strict=True)]
+    states = [observe(guard, job, out, loop) for job, out, loop in zip(jobs, outputs, loops, strict=True)]
     record(state, jobs[0].checkpoint, outputs, states, stages)
-    return [CaptionResult(out, guard_state, stages_ms) for out, guard_state in zip(outputs, states, strict=True)]
+    for loop in loops:
+        if loop is not None:
+            state.metrics.degenerate.labels(jobs[0].checkpoint, loop.kind).inc()
+    return [CaptionResult(out, guard_state, stages_ms, loop)
+            for out, guard_state, loop in zip(outputs, states, loops, strict=True)]
 
 
 def generate(jobs: list[CaptionJob]) -> tuple[list[CaptionOutput], dict[str, float]]:
@@ -164,10 +173,11 @@ def log_captions(state: AppState, jobs: list[CaptionJob], outputs: list[CaptionO
         for job, out in zip(jobs, outputs, strict=True)])
 
 
-def observe(guard: Guard, job: CaptionJob, out: CaptionOutput) -> GuardState:
+def observe(guard: Guard, job: CaptionJob, out: CaptionOutput, loop: Degeneration | None = None) -> GuardState:
     """guard.observe; a guard that fails (a bug, a changed scorer) is logged and must not fail the caption."""
     try:
-        return guard.observe(job.video_sha256, out.caption, out.text_emb, out.video_emb, out.score)
+        return guard.observe(job.video_sha256, out.caption, out.text_emb, out.video_emb, out.score,
+                             degenerate=None if loop is None else loop.kind)
     except Exception:  # noqa: BLE001 - the caption is already committed; answer it with the last verdict
         log.exception("guard of checkpoint %s failed to observe video %s", job.checkpoint, job.video_sha256[:12])
         return dataclasses.replace(guard.state(), newly_tripped=[])   # nothing tripped on this observe

@@ -147,7 +147,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                       limit_val=args.limit_val, threads=args.threads, select_layer=args.select_layer,
                       select_feature=args.select_feature)
     for name in ("siglip_epochs", "lm_epochs", "stage1_epochs", "stage2_epochs", "stage1_lr", "stage2_lr",
-                 "batch_size", "patience", "weight_decay"):
+                 "batch_size", "patience", "weight_decay", "stop_on_collapse", "collapse_warmup"):
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, value)
@@ -158,7 +158,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                           "diversity": round(h.report["unique_ratio"], 3), "siglip": round(h.siglip_mean, 3),
                           "attribute_accuracy": h.attribute_accuracy, "tripped": h.tripped,
                           "top_mode": h.report["modes"][0]["representative"] if h.report["modes"] else None,
-                          "checkpoint": h.checkpoint}, ensure_ascii=False))
+                          "checkpoint": h.checkpoint, **({"stopped": h.stopped} if h.stopped else {})},
+                         ensure_ascii=False))
     return 0
 
 
@@ -167,6 +168,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if not args.watch and (args.once or args.max_checkpoints is not None):
         print("capguard evaluate: error: --once and --max-checkpoints only apply to --watch DIR", file=sys.stderr)
+        return 2
+    if args.captions:
+        return _evaluate_captions(args)
+    if args.scorer:
+        print("capguard evaluate: error: --scorer only applies to --captions (checkpoints name their own scorer)",
+              file=sys.stderr)
+        return 2
+    if not args.videos:
+        print("capguard evaluate: error: --videos is required with --checkpoints or --watch", file=sys.stderr)
         return 2
     try:
         dataset = load_dataset(args.videos, args.references, args.limit)
@@ -186,6 +196,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"capguard evaluate: stopped; the report in {args.out} has every checkpoint finished so far",
               file=sys.stderr)
         return 130
+    return _print_report(report, Path(args.out))
+
+
+def _evaluate_captions(args: argparse.Namespace) -> int:
+    """``capguard evaluate --captions A.jsonl B.jsonl``: a bad file is one line naming file and line, exit 2."""
+    from capguard.models.captions_file import CaptionsFileError
+    from capguard.models.evaluate.captions import evaluate_captions
+
+    if args.videos and not Path(args.videos).is_dir():
+        print(f"capguard evaluate: error: --videos {args.videos}: with --captions, a directory the rows' "
+              "video_path values are relative to", file=sys.stderr)
+        return 2
+    try:
+        report = evaluate_captions(args.captions, args.out, videos_root=args.videos, scorer=args.scorer or "auto",
+                                   device=args.device, num_frames=args.num_frames or 8)
+    except (CaptionsFileError, FileNotFoundError) as exc:
+        print(f"capguard evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    return _print_report(report, Path(args.out))
+
+
+def _print_report(report: dict, out: Path) -> int:
     for row in report["checkpoints"]:
         print(json.dumps({"checkpoint": row["name"], "unique": f"{row['unique']}/{row['n']}",
                           "diversity": row["diversity"], "siglip": row["siglip_mean"],
@@ -194,7 +226,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                           "top_mode": row["top_mode"]}, ensure_ascii=False))
     for warning in report["warnings"]:
         print(f"warning: {warning['message']}", file=sys.stderr)
-    out = Path(args.out)
     print(json.dumps({"report": str(out / "report.json"), "html": str(out / "report.html"),
                       "captions": str(out / "captions.jsonl")}))
     return 0
@@ -333,7 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--checkpoints", nargs="+", help="checkpoint directories, in the order of the report")
     which.add_argument("--watch", metavar="DIR", help="evaluate each new checkpoint a training run writes under DIR")
-    p.add_argument("--videos", required=True, help="a JSONL manifest (capguard make-videos) or a directory of videos")
+    which.add_argument("--captions", nargs="+", metavar="JSONL",
+                       help="caption files from any pipeline, one per checkpoint or epoch (rows: video, caption, "
+                            "optional siglip, reference, video_path)")
+    p.add_argument("--videos", help="a JSONL manifest (capguard make-videos) or a directory of videos; with "
+                                    "--captions: the directory video_path values are relative to")
+    p.add_argument("--scorer", help="--captions: an open_clip SigLIP/CLIP directory that scores rows with a "
+                                    "video_path (default: the shipped demo scorer; 'none' to skip)")
     p.add_argument("--references", default="auto", choices=["auto", "ko", "en", "none"],
                    help="reference captions from the manifest (auto: caption_ko, else caption_en)")
     p.add_argument("--out", required=True, help="output dir: report.json, report.html, captions.jsonl")
@@ -367,6 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
                       ("stage1_lr", float), ("stage2_lr", float), ("batch_size", int), ("patience", int),
                       ("weight_decay", float)):
         p.add_argument("--" + name.replace("_", "-"), type=typ, dest=name)
+    p.add_argument("--stop-on-collapse", type=_at_least(1), dest="stop_on_collapse", metavar="N",
+                   help="stop after N collapsed epochs in a row (the guard's rules on the validation captions)")
+    p.add_argument("--collapse-warmup", type=_at_least(0), dest="collapse_warmup", metavar="K",
+                   help="--stop-on-collapse: do not count the first K epochs (default 0)")
     p.set_defaults(func=cmd_train)
     return parser
 

@@ -3,8 +3,10 @@
 Every caption the server writes is ``observe``d by its checkpoint's ``Guard``. The guard keeps the captions
 of the last ``window`` *distinct* videos, and once it holds ``min_captions`` of them it says ``ok`` or
 ``collapsed`` by the rules of docs/guard.md (``capguard.models.rules.tripped_rules``): exact unique ratio, near-duplicate
-unique ratio, top mode share, and grounding R@1 (caption -> own video among the window's videos, on the
-scorer's embeddings). All figures come from ``capguard.models.diversity``; nothing here re-implements a metric.
+unique ratio, top mode share, grounding R@1 (caption -> own video among the window's videos, on the
+scorer's embeddings), content-unique ratio (distinct content-morpheme keys: particles, endings and word order
+ignored) and the share of captions that loop inside themselves. All figures come from
+``capguard.models.diversity``, ``semantic`` and ``degenerate``; nothing here re-implements a metric.
 
 Policies (each one a decision; the tests pin them):
 - Distinct videos: the window is keyed by ``video_sha256``, least recently seen first. A video already in the
@@ -17,7 +19,13 @@ Policies (each one a decision; the tests pin them):
   the observation that ends warm-up, so the first verdict is always on fresh figures. The exact-unique
   ratio, Good-Turing repeat probability and SigLIP mean are kept as running counts and are live on every
   observation, so a hard collapse (the field report's 1/97) trips ``unique_ratio`` on the very observation
-  that crosses the line whatever ``recompute_every`` is. ``state.metrics_age`` says how many observations
+  that crosses the line whatever ``recompute_every`` is. The content-unique ratio (running counts of
+  ``content_key``) and the looping share (running count of rows whose degeneration kind is a loop) are live
+  the same way. The Vendi score of the text embeddings is kept as a ``RunningVendi`` (O(E^2) per row in or
+  out) and scored every ``RunningVendi.SCORE_EVERY`` observations and at the end of warm-up (its
+  eigen-decomposition costs about as much as the rest of an observation); it is reported, not a rule.
+- Sampled and greedy captions share one window: a collapsed checkpoint's sampled captions are exactly unique
+  but ungrounded, and one window flags it sooner than one per decoding mode (tests/test_guard_sampling.py). ``state.metrics_age`` says how many observations
   old the clustered/grounding figures are (0 = computed on this observation).
 - Hysteresis, per rule: a rule trips (``tripped``) the first time it fails and stays tripped until it has
   passed ``clear_after`` consecutive evaluations (one evaluation per observation after warm-up; between
@@ -61,6 +69,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
+from capguard.models.degenerate import KINDS, LOOP_KINDS, degeneration
 from capguard.models.diversity import (
     DiversityReport,
     SimilarityCache,
@@ -79,6 +88,7 @@ from capguard.models.rules import (
     check_threshold_names,
     tripped_rules,
 )
+from capguard.models.semantic import RunningVendi, content_key
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +96,7 @@ STATUSES = ("warming_up", "ok", "collapsed")
 _AUTO_WINDOW = 100  # the window whose full recompute per observation is cheap enough; see docstring
 _CACHE_MAX_WINDOW = 2048  # windows up to this keep pair similarities between recomputes (32 MB at most)
 _blas: ThreadpoolController | None = None  # numpy's BLAS pools, found on first use
+_JUDGE = object()  # observe(degenerate=...) default: judge the caption's loops here (no token counts)
 
 
 def _one_blas_thread():
@@ -164,6 +175,9 @@ class GuardState:
     siglip_mean: float | None         # mean scorer probability over the window's scored captions (live)
     grounding_r1: float | None        # caption -> own video R@1 in the window; None without embeddings
     grounding_margin: float | None    # mean own-video similarity minus the best other video's
+    content_unique_ratio: float | None  # distinct content-morpheme keys / captions (live)
+    vendi_score: float | None         # effective number of captions by meaning (1..n), text embeddings; None without
+    degenerate_share: float | None    # share of the window's captions that loop inside themselves (live)
     tripped: list[str]                # rules tripped now (held by hysteresis until they pass clear_after times)
     newly_tripped: list[str]          # rules that tripped on this observation (feeds guard_trips_total)
     modes: list[dict]                 # top clusters: representative caption, count, share, variants
@@ -182,6 +196,8 @@ class _Row:
 
     caption: str
     key: str                       # capguard.models.diversity.caption_key(caption): the identity exact counts use
+    content: str                   # capguard.models.semantic.content_key(caption): what content-unique counts
+    loop: bool                     # its degeneration kind is a loop (LOOP_KINDS)
     text_emb: np.ndarray | None    # (E,) float32, set together with video_emb or not at all
     video_emb: np.ndarray | None   # (E,) float32
     siglip: float | None
@@ -201,9 +217,16 @@ class Guard:
     # ------------------------------------------------------------------ public API
 
     def observe(self, video_sha256: str, caption: str, text_emb: np.ndarray | None = None,
-                video_emb: np.ndarray | None = None, siglip: float | None = None) -> GuardState:
-        """Add one caption (refreshing its video if already in the window) and return the new verdict."""
-        row = self._make_row(video_sha256, caption, text_emb, video_emb, siglip)
+                video_emb: np.ndarray | None = None, siglip: float | None = None,
+                degenerate: str | None = _JUDGE) -> GuardState:
+        """Add one caption (refreshing its video if already in the window) and return the new verdict.
+
+        degenerate: the caption's ``capguard.models.degenerate`` kind (or None), as the caller computed it with
+        the token counts; left out, the guard judges the text itself (a loop needs no token count).
+        """
+        if degenerate is _JUDGE:
+            degenerate = getattr(degeneration(caption), "kind", None)
+        row = self._make_row(video_sha256, caption, text_emb, video_emb, siglip, degenerate)
         with self._lock:
             self._check_dim(row)
             self._step(video_sha256, row)
@@ -216,7 +239,9 @@ class Guard:
     def restore(self, rows: Iterable[dict]) -> GuardState:
         """Rebuild window and verdict from logged rows, oldest first; same result as observing them afresh.
 
-        Each row: video_sha256, caption, and optionally text_emb, video_emb, siglip. The guard's verdict at
+        Each row: video_sha256, caption, and optionally text_emb, video_emb, siglip, num_tokens. The
+        degeneration kind is judged again from the logged caption (the loop kinds, which are all the window
+        counts, need no token limit). The guard's verdict at
         the end depends only on its last ``clear_after + 1`` evaluations (a rule is tripped iff it failed
         at one of the last ``clear_after``; ``newly_tripped`` compares with the one before), and those use
         the full report of the last recompute before them. So the rows before that tail are only counted
@@ -231,8 +256,9 @@ class Guard:
             except KeyError as exc:
                 raise ValueError(f"restore row {i} lacks {exc}; rows need video_sha256 and caption "
                                  "(text_emb, video_emb, siglip optional)") from None
+            kind = getattr(degeneration(caption, raw.get("num_tokens"), raw.get("max_new_tokens")), "kind", None)
             prepared.append((sha, self._make_row(sha, caption, raw.get("text_emb"), raw.get("video_emb"),
-                                                 raw.get("siglip"))))
+                                                 raw.get("siglip"), kind)))
         dims = {row.text_emb.shape[0] for _, row in prepared if row.text_emb is not None}
         if len(dims) > 1:
             raise ValueError(f"restore rows mix embedding sizes {sorted(dims)}; they come from different scorers. "
@@ -245,7 +271,8 @@ class Guard:
                 for i, (sha, row) in enumerate(prepared):
                     if i >= tail:
                         self._step(sha, row)
-                    elif self._advance(sha, row) and i >= tail - self._every:
+                    # the Vendi score in force when the tail starts is the one of its last scoring beat
+                    elif self._advance(sha, row, score=i >= tail - RunningVendi.SCORE_EVERY) and i >= tail - self._every:
                         self._recompute()  # the report in force when the tail starts
             finally:
                 self._replaying = False
@@ -264,6 +291,10 @@ class Guard:
         self._emb_dim = 0             # their size E (meaningful while _emb_rows > 0)
         self._siglip_sum = 0.0        # running sum over rows with a score (re-summed every `window` observations)
         self._siglip_rows = 0
+        self._content_counts: Counter[str] = Counter()  # content_key -> rows in the window with it
+        self._loops = 0               # rows whose caption loops
+        self._vendi: RunningVendi | None = None  # text embeddings' X^T X, made with the first embedding
+        self._vendi_score: float | None = None   # its last score (every RunningVendi.SCORE_EVERY observations)
         self._observations = 0        # since reset; paces the recomputes
         self._report: DiversityReport | None = None  # last full recompute
         self._report_at = 0           # self._observations when it was computed
@@ -275,11 +306,13 @@ class Guard:
         self._replaying = False       # restore() is observing its tail: no per-transition logs
         self._state = self._publish([])
 
-    def _make_row(self, video_sha256, caption, text_emb, video_emb, siglip) -> _Row:
+    def _make_row(self, video_sha256, caption, text_emb, video_emb, siglip, degenerate) -> _Row:
         """Validate one observation (no lock needed: touches no state)."""
         if not isinstance(video_sha256, str) or not video_sha256:
             raise TypeError(f"video_sha256 must be a non-empty str (the upload's content hash), got {video_sha256!r}")
         key = caption_key(caption)  # raises TypeError on a non-str caption
+        if degenerate is not None and degenerate not in KINDS:
+            raise ValueError(f"degenerate must be None or one of {KINDS}, got {degenerate!r}")
         if (text_emb is None) != (video_emb is None):
             raise ValueError("pass both text_emb and video_emb (the scorer's outputs for this caption) or neither")
         if text_emb is not None:
@@ -300,7 +333,7 @@ class Guard:
                 logger.warning("guard %s: non-finite SigLIP score for video %s dropped; check the scorer",
                                self.checkpoint, video_sha256[:12])
                 siglip = None
-        return _Row(caption, key, text_emb, video_emb, siglip)
+        return _Row(caption, key, content_key(caption), degenerate in LOOP_KINDS, text_emb, video_emb, siglip)
 
     def _check_dim(self, row: _Row) -> None:
         if row.text_emb is not None and self._emb_rows and row.text_emb.shape[0] != self._emb_dim:
@@ -316,15 +349,25 @@ class Guard:
             self._key_counts[row.key] = after
         else:
             del self._key_counts[row.key]
+        self._content_counts[row.content] += sign
+        if not self._content_counts[row.content]:
+            del self._content_counts[row.content]
+        self._loops += sign * row.loop
         if row.siglip is not None:
             self._siglip_sum += sign * row.siglip
             self._siglip_rows += sign
         if row.text_emb is not None:
             self._emb_rows += sign
             self._emb_dim = row.text_emb.shape[0]
+            if self._vendi is None or self._vendi.dim != self._emb_dim:
+                self._vendi = RunningVendi(self._emb_dim)
+            (self._vendi.add if sign > 0 else self._vendi.remove)(row.text_emb)
 
-    def _advance(self, sha: str, row: _Row) -> bool:
-        """Put the row in the window (refresh or append, evicting the oldest); True if a recompute is due."""
+    def _advance(self, sha: str, row: _Row, score: bool = True) -> bool:
+        """Put the row in the window (refresh or append, evicting the oldest); True if a recompute is due.
+
+        score=False skips the Vendi scoring beat (restore, for rows whose score is overwritten before it counts).
+        """
         old = self._rows.pop(sha, None)
         if old is not None:
             self._count(old, -1)
@@ -336,7 +379,15 @@ class Guard:
         self._observations += 1
         if self._observations % self.settings.window == 0:  # wash out float drift, on a deterministic beat
             self._siglip_sum = math.fsum(r.siglip for r in self._rows.values() if r.siglip is not None)
+            if self._vendi is not None:
+                self._vendi.reset(np.stack([r.text_emb for r in self._rows.values() if r.text_emb is not None])
+                                  if self._emb_rows else None)   # (m, E)
         warm_up_ends = old is None and len(self._rows) == self.settings.min_captions
+        if warm_up_ends or self._observations % RunningVendi.SCORE_EVERY == 0:
+            if score:
+                self._vendi_score = self._vendi.score() if self._emb_rows else None
+            elif self._vendi is not None:
+                self._vendi.flush()   # same float sums as observing: restore's figures equal bit for bit
         return warm_up_ends or self._observations % self._every == 0
 
     def _recompute(self) -> None:
@@ -345,7 +396,9 @@ class Guard:
         rows = list(self._rows.values())
         report = diversity_report([r.caption for r in rows], keys=[r.key for r in rows], top_k=self.settings.top_modes,
                                   near_dup_threshold=self.settings.thresholds.near_dup_threshold,
-                                  with_self_bleu=False, with_distinct_n=False, cache=self._similarities)
+                                  with_self_bleu=False, with_distinct_n=False, cache=self._similarities,
+                                  content_keys=[r.content for r in rows],
+                                  degenerate=[LOOP_KINDS[0] if r.loop else None for r in rows])
         scored = [r for r in rows if r.text_emb is not None]
         if len(scored) >= max(2, self.settings.min_captions):
             with _one_blas_thread():
@@ -405,7 +458,9 @@ class Guard:
             self._recompute()
         n = len(self._rows)
         return replace(self._report, n=n, unique=len(self._key_counts), unique_ratio=len(self._key_counts) / n,
-                       repeat_probability=1.0 - self._singletons / n)
+                       repeat_probability=1.0 - self._singletons / n,
+                       content_unique_ratio=len(self._content_counts) / n, degenerate_share=self._loops / n,
+                       vendi_score=self._vendi_score)
 
     def _publish(self, newly: list[str]) -> GuardState:
         n = len(self._rows)
@@ -422,6 +477,9 @@ class Guard:
             siglip_mean=jsonable(self._siglip_sum / self._siglip_rows) if self._siglip_rows else None,
             grounding_r1=jsonable(report.grounding_r1) if report else None,
             grounding_margin=jsonable(report.grounding_margin) if report else None,
+            content_unique_ratio=len(self._content_counts) / n if n else None,
+            vendi_score=jsonable(self._vendi_score) if self._emb_rows else None,
+            degenerate_share=self._loops / n if n else None,
             tripped=[rule for rule in RULES if rule in self._tripped],
             newly_tripped=newly,
             modes=[{"representative": m.representative, "count": m.count, "share": float(m.share),

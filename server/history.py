@@ -21,10 +21,13 @@ from collections import deque
 from capguard.models.jsonable import jsonable
 
 FIGURES = ("unique_ratio", "near_unique_ratio", "top_mode_share", "grounding_r1", "siglip_mean",
-           "repeat_probability")   # GuardState attributes a point carries, all 0-1 (None: not available)
+           "repeat_probability", "content_unique_ratio", "degenerate_share")   # GuardState figures, all 0-1
+EXTRA = ("vendi_score",)   # carried by each point, not drawn on the 0-1 axis (the Vendi score runs 1 to n)
 # figure -> (rule kind, GuardThresholds field): the chart's rule lines; "min" trips below, "max" above
 RULE_LINES = {"unique_ratio": ("min", "min_unique_ratio"), "near_unique_ratio": ("min", "min_near_unique_ratio"),
-              "top_mode_share": ("max", "max_top_mode_share"), "grounding_r1": ("min", "min_grounding_r1")}
+              "top_mode_share": ("max", "max_top_mode_share"), "grounding_r1": ("min", "min_grounding_r1"),
+              "content_unique_ratio": ("min", "min_content_unique_ratio"),
+              "degenerate_share": ("max", "max_degenerate_share")}
 
 
 def rule_lines(thresholds: dict) -> list[dict]:
@@ -56,7 +59,7 @@ class GuardHistory:
                 return
             point = {"t": round(time.time(), 3), "captions_seen": seen, "window_captions": state.window_captions,
                      "status": state.status, "tripped": list(state.tripped)}
-            point.update({figure: getattr(state, figure, None) for figure in FIGURES})
+            point.update({figure: getattr(state, figure, None) for figure in FIGURES + EXTRA})
             series.append(jsonable(point))   # nan -> None: JSON has no nan
 
     def get(self, checkpoint: str, thresholds: dict) -> dict:

@@ -8,6 +8,7 @@
 | capguard_generated_tokens_total             | counter   | checkpoint       | tokens generated (EOS excluded)   |
 | capguard_guard_trips_total                  | counter   | checkpoint, rule | guard rules that tripped          |
 | capguard_fallbacks_total                    | counter   | requested, served | requests answered by another checkpoint (collapse_policy=fallback) |
+| capguard_degenerate_captions_total          | counter   | checkpoint, kind | captions that loop or hit max_new_tokens |
 | capguard_stage_duration_seconds             | histogram | stage            | decode per video; encode, generate, score per batch |
 | capguard_siglip_score                       | histogram | checkpoint       | scorer probability (0-1)          |
 | capguard_batch_size                         | histogram |                  | videos per model call             |
@@ -18,6 +19,9 @@
 | capguard_window_repeat_probability          | gauge     | checkpoint       | 0-1                               |
 | capguard_window_siglip_mean                 | gauge     | checkpoint       | 0-1                               |
 | capguard_window_grounding_r1                | gauge     | checkpoint       | 0-1                               |
+| capguard_window_content_unique_ratio        | gauge     | checkpoint       | 0-1                               |
+| capguard_window_vendi_score                 | gauge     | checkpoint       | 1 to window size                  |
+| capguard_window_degenerate_share            | gauge     | checkpoint       | 0-1                               |
 | capguard_collapse_flag                      | gauge     | checkpoint       | 1 while the guard says collapsed  |
 | capguard_queue_depth                        | gauge     |                  | requests waiting for the model    |
 | capguard_decoder_restarts_total             | counter   | reason           | decoder processes replaced        |
@@ -56,6 +60,9 @@ WINDOW_GAUGES = {
     "repeat_probability": "window_repeat_probability",
     "siglip_mean": "window_siglip_mean",
     "grounding_r1": "window_grounding_r1",
+    "content_unique_ratio": "window_content_unique_ratio",
+    "vendi_score": "window_vendi_score",
+    "degenerate_share": "window_degenerate_share",
 }
 
 
@@ -70,6 +77,8 @@ class Metrics:
         self.trips = Counter("capguard_guard_trips", "Guard rules that tripped", ["checkpoint", "rule"], registry=r)
         self.fallbacks = Counter("capguard_fallbacks", "Requests for a collapsed checkpoint answered by another "
                                  "(collapse_policy=fallback)", ["requested", "served"], registry=r)
+        self.degenerate = Counter("capguard_degenerate_captions", "Captions that loop or hit max_new_tokens, by kind",
+                                  ["checkpoint", "kind"], registry=r)
         self.stage_seconds = Histogram("capguard_stage_duration_seconds",
                                        "Pipeline stage time: decode per video, model stages per batch",
                                        ["stage"], buckets=STAGE_BUCKETS, registry=r)
@@ -97,12 +106,15 @@ class Metrics:
 
     def checkpoint_loaded(self, checkpoint: str) -> None:
         """Create a loaded checkpoint's counter series at 0, so rates and alerts see them from the start."""
+        from capguard.models.degenerate import KINDS
         from capguard.models.rules import RULES
 
         self.captions.labels(checkpoint)
         self.tokens.labels(checkpoint)
         for rule in RULES:
             self.trips.labels(checkpoint, rule)
+        for kind in KINDS:
+            self.degenerate.labels(checkpoint, kind)
 
     def observe_guard(self, checkpoint: str, state, count_trips: bool = True) -> None:
         """Set the window gauges from a GuardState; count the rules that tripped on this observe

@@ -103,6 +103,9 @@ class GuardInfo(BaseModel):
     siglip_mean: float | None           # mean scorer probability over the window
     grounding_r1: float | None          # caption -> own video R@1 in the window
     grounding_margin: float | None      # own-video similarity minus the best other video's
+    content_unique_ratio: float | None  # distinct content-morpheme keys / captions (particles, endings ignored)
+    vendi_score: float | None           # effective number of captions by meaning (1..n); null without a scorer
+    degenerate_share: float | None      # share of the window's captions that loop inside themselves
     tripped: list[str]                  # rules tripped now (held until they pass clear_after times)
     newly_tripped: list[str]            # rules that tripped on this observation
     modes: list[GuardMode]              # top clusters, largest first
@@ -145,6 +148,9 @@ class GuardPoint(BaseModel):
     grounding_r1: float | None
     siglip_mean: float | None
     repeat_probability: float | None
+    content_unique_ratio: float | None
+    degenerate_share: float | None
+    vendi_score: float | None   # not 0-1 (1 to the window's size): in each point, not drawn on the chart
 
 
 class RuleLine(BaseModel):
@@ -162,6 +168,16 @@ class GuardHistoryInfo(BaseModel):
     points: list[GuardPoint]    # oldest first; the last `history_points` only
     rules: list[RuleLine]
 
+class DegenerateInfo(BaseModel):
+    """Why this caption reads as degenerate (capguard.models.degenerate.Degeneration.to_dict())."""
+
+    kind: Literal["repeated_sentence", "repeated_ngram", "token_limit"]
+    period: int                 # units (Hangul syllables; other words weigh 2) in one copy; 0 for token_limit
+    repeats: float              # copies in the run, a trailing partial copy as a fraction
+    coverage: float             # units inside the run / units in the caption, 0-1
+    text: str                   # one copy of the repeating phrase or sentence, "" for token_limit
+    hit_token_limit: bool       # generation stopped at max_new_tokens
+
 
 class CaptionResponse(BaseModel):
     caption: str
@@ -173,6 +189,7 @@ class CaptionResponse(BaseModel):
     frames: FramesInfo
     scores: Scores
     guard: GuardInfo            # the checkpoint's guard right after this caption was observed
+    degenerate: DegenerateInfo | None   # the caption loops or was cut at max_new_tokens; null if neither
     timings_ms: Timings
 
 
@@ -213,6 +230,18 @@ class EvaluationRequest(DecodingFields):
     references: Literal["auto", "ko", "en", "none"] = "auto"       # which manifest captions score BLEU etc.
     max_new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)   # None: each checkpoint's own
     # + the decoding fields (DecodingFields), applied to every checkpoint's own defaults
+
+
+class CaptionsEvaluationRequest(BaseModel):
+    """POST /evaluations with caption files from any pipeline (capguard.models.captions_file), one report row
+    each, instead of checkpoints; or upload them as multipart ``captions`` file fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    captions: list[str] = Field(min_length=1, max_length=100)   # JSONL files relative to datasets_root
+    videos: str | None = Field(None, min_length=1, max_length=500)   # dir the rows' video_path are relative
+    #                                                   to (relative to datasets_root); None: each file's own dir
+    num_frames: int | None = Field(None, ge=1, le=MAX_NUM_FRAMES)   # frames the scorer samples (None: 8)
 
 
 class EvaluationProgress(BaseModel):

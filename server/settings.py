@@ -100,7 +100,8 @@ class Settings(BaseSettings):
     # --- evaluation jobs (server/evaluations/: one at a time, each in its own process)
     datasets_root: Path = REPO_ROOT / "samples"        # POST /evaluations names data sets relative to this dir
     evaluation_max_checkpoints: int = Field(16, ge=1)  # checkpoints per job (each one is a full pass)
-    evaluation_max_videos: int = Field(2000, ge=1)     # videos per job after `limit`
+    evaluation_max_videos: int = Field(2000, ge=1)     # videos per job after `limit` (per caption file)
+    evaluation_max_captions_bytes: int = Field(16 * 2**20, ge=1)   # a job's uploaded caption files together, or each named one
     evaluation_queue_size: int = Field(8, ge=1)        # queued + running jobs before POST answers 503
     evaluation_threads: int = Field(1, ge=1)           # torch threads of the job process (the server keeps its own)
     evaluation_nice: int = Field(10, ge=0, le=19)      # the job process's niceness: /caption comes first on the CPU
@@ -114,6 +115,8 @@ class Settings(BaseSettings):
     guard_min_near_unique_ratio: float = Field(GuardThresholds.min_near_unique_ratio, ge=0, le=1)
     guard_max_top_mode_share: float = Field(GuardThresholds.max_top_mode_share, ge=0, le=1)
     guard_min_grounding_r1: float = Field(GuardThresholds.min_grounding_r1, ge=0, le=1)
+    guard_min_content_unique_ratio: float = Field(GuardThresholds.min_content_unique_ratio, ge=0, le=1)
+    guard_max_degenerate_share: float = Field(GuardThresholds.max_degenerate_share, ge=0, le=1)
     guard_near_dup_threshold: float = Field(rules.NEAR_DUP_THRESHOLD, gt=0, le=1)
     guard_clear_after: int = Field(rules.CLEAR_AFTER, ge=1)     # passing evaluations before a tripped rule clears
     guard_recompute_every: int | None = Field(None, ge=1)   # None: the guard's auto pacing

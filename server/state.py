@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from capguard.models import semantic
 from capguard.models.stack import CaptionStack
 from capguard.models.video import VideoLimits
 from capguard.server.batcher import Batcher
@@ -91,6 +92,7 @@ def init_state(settings: Settings, metrics: Metrics) -> AppState:
 
     def restore_guard(name: str, stack: CaptionStack) -> None:
         """On each checkpoint load: refill its guard window from the caption log of the same weights."""
+        semantic.warm_up()   # kiwipiepy (content keys), ~10 s once per process: here, never on a request
         guard = guards.configure(name, {k: v for k, v in stack.config.guard.items() if k not in explicit})
         rows = storage.recent(name, settings.guard_window, fingerprint=stack.fingerprint)
         guard.restore(rows)

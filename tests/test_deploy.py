@@ -27,6 +27,7 @@ EXPECTED_FAMILIES = {f"capguard_{name}" for name in (
     "stage_duration_seconds", "request_duration_seconds", "siglip_score", "batch_size",
     "window_captions", "window_unique_ratio", "window_near_unique_ratio", "window_top_mode_share",
     "window_repeat_probability", "window_siglip_mean", "window_grounding_r1", "collapse_flag", "queue_depth",
+    "degenerate_captions_total", "window_content_unique_ratio", "window_vendi_score", "window_degenerate_share",
 )}
 GUARD_ALERTS = {"CaptionModeCollapse", "CaptionDiversityLow", "CaptionSiglipUpDiversityDown"}
 

@@ -322,7 +322,9 @@ def test_near_duplicates_twice_each_keep_exact_ratio_at_the_line():
     captions = KO_VARIANTS * 2  # 24 captions, 12 distinct: exact 0.5 is not below the 0.5 line
     report = diversity_report(captions)
     assert report.unique_ratio == 0.5 and report.near_unique == 1
-    assert tripped_rules(report, GuardThresholds()) == ["near_unique_ratio", "top_mode_share"]
+    # one-word swaps of one sentence: read on content words they are few keys too
+    assert report.content_unique_ratio < 0.5
+    assert tripped_rules(report, GuardThresholds()) == ["near_unique_ratio", "top_mode_share", "content_unique_ratio"]
 
 
 def test_the_pair_from_the_field_report_is_one_mode():
@@ -492,7 +494,7 @@ def test_to_dict_is_strict_json():
 def _report(**figures) -> DiversityReport:
     base = dict(n=100, unique=80, unique_ratio=0.8, near_unique=70, near_unique_ratio=0.7, top_mode_share=0.05,
                 repeat_probability=0.3, distinct_1=0.3, distinct_2=0.6, self_bleu=None, grounding_r1=None,
-                grounding_margin=None, modes=[])
+                grounding_margin=None, modes=[], content_unique_ratio=0.9, degenerate_share=0.0)
     return DiversityReport(**{**base, **figures})
 
 
@@ -506,8 +508,15 @@ def _report(**figures) -> DiversityReport:
     ({"grounding_r1": 0.05}, ["grounding_r1"]),
     ({"grounding_r1": 0.5}, []),
     ({"grounding_r1": float("nan"), "unique_ratio": float("nan")}, []),  # undefined never trips
-    ({"unique_ratio": 0.01, "near_unique_ratio": 0.01, "top_mode_share": 1.0, "grounding_r1": 0.0},
-     ["unique_ratio", "near_unique_ratio", "top_mode_share", "grounding_r1"]),
+    ({"content_unique_ratio": 0.49}, ["content_unique_ratio"]),
+    ({"content_unique_ratio": 0.5}, []),
+    ({"content_unique_ratio": None, "degenerate_share": None}, []),    # not computed never trips
+    ({"degenerate_share": 0.11}, ["degenerate_share"]),
+    ({"degenerate_share": 0.1}, []),
+    ({"unique_ratio": 0.01, "near_unique_ratio": 0.01, "top_mode_share": 1.0, "grounding_r1": 0.0,
+      "content_unique_ratio": 0.01, "degenerate_share": 1.0},
+     ["unique_ratio", "near_unique_ratio", "top_mode_share", "grounding_r1", "content_unique_ratio",
+      "degenerate_share"]),
 ])
 def test_tripped_rules(figures, expected):
     assert tripped_rules(_report(**figures), GuardThresholds()) == expected
@@ -515,7 +524,11 @@ def test_tripped_rules(figures, expected):
 
 def test_tripped_rules_follow_the_thresholds():
     assert tripped_rules(_report(), GuardThresholds(min_unique_ratio=0.9)) == ["unique_ratio"]
-    assert set(RULES) == {"unique_ratio", "near_unique_ratio", "top_mode_share", "grounding_r1"}
+    assert tripped_rules(_report(), GuardThresholds(min_content_unique_ratio=0.95)) == ["content_unique_ratio"]
+    assert tripped_rules(_report(degenerate_share=0.05), GuardThresholds(max_degenerate_share=0.01)) == [
+        "degenerate_share"]
+    assert set(RULES) == {"unique_ratio", "near_unique_ratio", "top_mode_share", "grounding_r1",
+                          "content_unique_ratio", "degenerate_share"}
 
 
 def test_field_report_epoch_4_trips_every_text_rule():
@@ -523,7 +536,8 @@ def test_field_report_epoch_4_trips_every_text_rule():
     report = diversity_report(captions)
     assert round(report.unique_ratio, 2) == 0.01 and report.top_mode_share == 1.0
     assert report.repeat_probability == 1.0 and report.self_bleu == pytest.approx(1.0)
-    assert tripped_rules(report, GuardThresholds()) == ["unique_ratio", "near_unique_ratio", "top_mode_share"]
+    assert tripped_rules(report, GuardThresholds()) == ["unique_ratio", "near_unique_ratio", "top_mode_share",
+                                                        "content_unique_ratio"]
 
 
 def test_guard_threshold_defaults_and_validation():

@@ -127,12 +127,23 @@ def test_reference_metrics():
 # Rows, verdicts and warnings, without a model
 
 
+def test_looping_captions_trip_degenerate_share_in_the_report_row():
+    loop = "도시의 풍경을 보여주는 영상입니다. " * 3
+    captions = [f"{i}번 건물이 있는 거리 {chr(0xAC00 + 7 * i)}" for i in range(40)]
+    row = checkpoint_row("loops", [loop.strip() if i % 5 == 0 else c for i, c in enumerate(captions)])
+    assert row["degenerate_share"] == pytest.approx(0.2) and row["tripped"] == ["degenerate_share"]
+    kinds = ["token_limit"] * 40      # cut at the limit but no loop: not counted as degenerate
+    assert checkpoint_row("cut", captions, degenerate=kinds)["degenerate_share"] == 0.0
+
+
 def test_identical_captions_are_collapsed_and_distinct_grounded_ones_are_ok():
     collapsed = checkpoint_row("epoch-4", ["도시의 한 건물을 중심으로 한 영상"] * 97, scores=[0.3] * 97)
     assert set(collapsed) == set(ROW_KEYS)
     assert collapsed["unique"] == 1 and collapsed["diversity"] == pytest.approx(1 / 97)
     assert collapsed["status"] == "collapsed"
-    assert collapsed["tripped"] == ["unique_ratio", "near_unique_ratio", "top_mode_share"]
+    assert collapsed["tripped"] == ["unique_ratio", "near_unique_ratio", "top_mode_share", "content_unique_ratio"]
+    assert collapsed["content_unique_ratio"] == pytest.approx(1 / 97) and collapsed["degenerate_share"] == 0.0
+    assert collapsed["vendi_score"] is None                          # no embeddings
     assert collapsed["top_mode"] == "도시의 한 건물을 중심으로 한 영상" and collapsed["top_mode_share"] == 1.0
     assert collapsed["siglip_mean"] == pytest.approx(0.3) and collapsed["grounding_r1"] is None
 
@@ -142,6 +153,7 @@ def test_identical_captions_are_collapsed_and_distinct_grounded_ones_are_ok():
                              video_emb=emb, ids=[f"v{i}" for i in range(40)], info={"fingerprint": "f" * 64})
     assert healthy["status"] == "ok" and healthy["tripped"] == []
     assert healthy["unique"] == 40 and healthy["grounding_r1"] == 1.0
+    assert healthy["vendi_score"] == pytest.approx(40.0)              # 40 orthogonal captions: 40 meanings
     assert healthy["siglip_median"] == pytest.approx(0.2)
     assert healthy["modes"][0]["videos"] == ["v0"] and healthy["fingerprint"] == "f" * 64
     assert healthy["bleu"] is None and healthy["attribute_accuracy"] is None        # nothing to compare with
@@ -227,6 +239,12 @@ def test_html_escapes_captions_and_draws_one_bar_per_checkpoint():
     # the 0.5 line sits halfway down the plot area (top 28 px, 320 - 28 - 72 = 220 px high)
     assert '<line class="healthy" x1="48" x2="664" y1="138.0" y2="138.0"' in svg and "healthy 0.50" in svg
     assert page.index("&lt;b&gt;epoch-1") < page.index(">epoch-2<") < page.index(">epoch-3<")  # in order
+    # the new figures: content-unique and looping share in the main table, the Vendi score in the details
+    assert "<th>Content-unique</th>" in page and "<th>Looping</th>" in page and "<th>Vendi score</th>" in page
+    start = page.index("&lt;b&gt;epoch-1", page.index('<table id="main"'))
+    first = page[start:page.index("</tr>", start)]                       # epoch-1's row of the main table
+    # grounding R@1 (no embeddings), content-unique (2 content keys of 10 captions), looping share, verdict
+    assert '<td class="num">-</td><td class="num">0.20</td><td class="num">0.00</td><td>' in first
 
 
 # ---------------------------------------------------------------------------------------------------

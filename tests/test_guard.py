@@ -11,7 +11,9 @@ import pytest
 import capguard.server.guard as guard_module
 from capguard.models.diversity import diversity_report
 from capguard.models.rules import GuardThresholds, tripped_rules
+from capguard.models.semantic import vendi_score
 from capguard.server.guard import Guard, GuardRegistry, GuardSettings, GuardState
+from tests.paraphrases import paraphrase_stream
 
 FIELD_REPORT_EPOCHS = [9, 6, 4, 1, 4, 6]  # unique captions out of 97 validation videos, epochs 1-6
 SUNNY = "맑고 화창한 낮의 풍경을 담은 영상"   # epoch 5-6 representative captions, one word apart
@@ -141,7 +143,9 @@ def test_near_duplicate_stream_trips_near_rules_but_not_exact_unique():
         captions.append(base if (i // 3) % 3 == 0 else variants[base].pop(0))
     s = feed(Guard("c", GuardSettings()), captions)[-1]
     assert s.unique_ratio >= 0.5                      # exact counting sees a varied window...
-    assert s.tripped == ["near_unique_ratio", "top_mode_share"]  # ...near-duplicate counting does not
+    # ...near-duplicate counting does not; nor do content keys (a swapped syllable is another word), which
+    # is why the syllable rule stays beside the content rule
+    assert s.tripped == ["near_unique_ratio", "top_mode_share"]
     assert s.near_unique_ratio == pytest.approx(3 / 100)
     assert s.modes[0]["variants"] > 10 and s.grounding_r1 is None
 
@@ -268,6 +272,8 @@ def mixed_stream(n: int, seed: int = 0) -> list[dict]:
     for i in range(n):
         phase = 0.9 if i < n // 3 else 0.15 if i < 2 * n // 3 else 0.7
         caption = next(healthy) if rng.random() < phase else "멈춰 버린 모델의 한 문장"
+        if rng.random() < 0.1:   # a loop now and then: the looping share must restore too
+            caption = f"{caption}. {caption}. {caption}"
         vid = sha(int(rng.integers(0, i + 1)) if rng.random() < 0.1 else 10_000 + i)
         scored = rng.random() < 0.9
         rows.append({"video_sha256": vid, "caption": caption, "siglip": float(rng.random()),
@@ -288,6 +294,56 @@ def test_restore_equals_observing(recompute_every, clear_after):
             restored = Guard("c", settings).restore(rows[:n])
             assert restored.to_dict() == live.state().to_dict(), n
     assert statuses == {"warming_up", "ok", "collapsed"}  # the stream exercised every state
+
+
+def test_new_figures_are_live_and_restored():
+    # content keys, looping share and Vendi are window figures too: restore gives the same state, and the
+    # live values equal the offline functions on the window's captions
+    settings = GuardSettings(window=30, min_captions=10)
+    rows = mixed_stream(80, seed=3)
+    live = Guard("c", settings)
+    for row in rows:
+        state = live.observe(**row)
+    window = {}
+    for row in rows:
+        window.pop(row["video_sha256"], None)
+        window[row["video_sha256"]] = row
+    last = list(window.values())[-30:]
+    report = diversity_report([r["caption"] for r in last], with_self_bleu=False, with_distinct_n=False)
+    assert state.content_unique_ratio == pytest.approx(report.content_unique_ratio)
+    assert state.degenerate_share == pytest.approx(report.degenerate_share) and state.degenerate_share > 0
+    assert state.vendi_score is not None and 1.0 <= state.vendi_score <= 30
+    assert Guard("c", settings).restore(rows).to_dict() == state.to_dict()
+
+
+def test_vendi_score_follows_the_window_on_its_cadence():
+    g = Guard("c", small())
+    text, video = matched_embeddings(40)
+    states = feed(g, random_captions(40), text, video)
+    assert states[8].vendi_score is None or states[8].vendi_score > 0   # scored every 10 observations
+    exact = vendi_score(text[-20:])
+    assert states[-1].vendi_score == pytest.approx(exact, rel=1e-6)     # 40 is a beat: fresh
+    assert feed(Guard("c", small()), random_captions(12))[-1].vendi_score is None   # no scorer, no Vendi
+
+
+def test_loops_trip_degenerate_share_and_a_given_kind_wins():
+    captions = random_captions(100)
+    loops = [f"{c}. {c}. {c}" if i % 5 == 0 else c for i, c in enumerate(captions)]   # 20 % loop
+    s = feed(Guard("c", GuardSettings()), loops)[-1]
+    assert s.degenerate_share == pytest.approx(0.2) and s.tripped == ["degenerate_share"]
+    # the caller's kind (judged with token counts) is what counts: "token_limit" alone is not a loop
+    g = Guard("c", small())
+    for i, c in enumerate(captions[:20]):
+        s = g.observe(sha(i), c, degenerate="repeated_ngram" if i < 3 else "token_limit")
+    assert s.degenerate_share == pytest.approx(3 / 20) and "degenerate_share" in s.tripped
+    with pytest.raises(ValueError, match="degenerate must be None or one of"):
+        g.observe(sha(0), "캡션", degenerate="loop")
+
+
+def test_paraphrase_stream_trips_content_unique():
+    s = feed(Guard("c", GuardSettings()), paraphrase_stream(97))[-1]
+    assert s.unique_ratio == 1.0 and s.content_unique_ratio < 0.2
+    assert "content_unique_ratio" in s.tripped and s.status == "collapsed"
 
 
 def test_restore_of_many_rows_costs_a_few_recomputes(monkeypatch):
@@ -326,7 +382,8 @@ def test_to_dict_is_strict_json():
     assert states[-1].to_dict()["status"] == "collapsed"
     assert states[-1].to_dict()["thresholds"] == {"min_unique_ratio": 0.5, "min_near_unique_ratio": 0.5,
                                                   "max_top_mode_share": 0.2, "min_grounding_r1": 0.1,
-                                                  "near_dup_threshold": 0.9}
+                                                  "near_dup_threshold": 0.9, "min_content_unique_ratio": 0.5,
+                                                  "max_degenerate_share": 0.1}
 
 
 def test_bad_inputs():

@@ -27,7 +27,7 @@ def test_history_keeps_a_point_every_n_captions_and_the_last_m():
     assert got["points"][-1]["status"] in {"ok", "collapsed"} and got["every"] == 2
     assert {r["figure"]: (r["kind"], r["value"]) for r in got["rules"]} == {
         "unique_ratio": ("min", 0.5), "near_unique_ratio": ("min", 0.5), "top_mode_share": ("max", 0.2),
-        "grounding_r1": ("min", 0.1)}
+        "grounding_r1": ("min", 0.1), "content_unique_ratio": ("min", 0.5), "degenerate_share": ("max", 0.1)}
     assert history.get("other", {})["points"] == [] and rule_lines({}) == []
     with pytest.raises(ValueError, match="must be >= 1"):
         GuardHistory(points=0)
@@ -46,7 +46,8 @@ def test_history_endpoint(server_settings, video_files):
         assert last["window_captions"] == 4 and last["unique_ratio"] == client.get("/checkpoints/demo/guard").json()[
             "unique_ratio"]
         assert {r["figure"] for r in got["rules"]} == {"unique_ratio", "near_unique_ratio", "top_mode_share",
-                                                      "grounding_r1"}
+                                                      "grounding_r1", "content_unique_ratio", "degenerate_share"}
+        assert "vendi_score" in last and last["degenerate_share"] is not None
         missing = client.get("/checkpoints/nothing/guard/history")
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_checkpoint"
         idle = client.get("/checkpoints/runs/epoch-1/guard/history")
@@ -70,7 +71,8 @@ def test_page_draws_the_guard_over_time_with_the_rule_lines(served, browser, vid
     wait.until(lambda d: d.find_element("id", "guard-chart").get_attribute("data-points") == str(len(history["points"])))
     chart = browser.find_element("id", "guard-chart")
     lines = {e.get_attribute("data-figure"): e for e in chart.find_elements("css selector", "polyline.series")}
-    assert {"unique_ratio", "near_unique_ratio", "top_mode_share", "siglip_mean"} <= set(lines)
+    assert {"unique_ratio", "near_unique_ratio", "top_mode_share", "siglip_mean", "content_unique_ratio",
+            "degenerate_share"} <= set(lines)
     with_figure = [p for p in history["points"] if p["unique_ratio"] is not None]   # not the empty window's
     assert len(lines["unique_ratio"].get_attribute("points").split()) == len(with_figure) == 6
     rules = chart.find_elements("css selector", "line.rule")

@@ -3,8 +3,8 @@
 tests/data/val-captions-{demo,collapsed}.jsonl hold, per val video, the greedy caption (pass 0) and three
 captions sampled at temperature 1.0 (passes 1-3), with scorer embeddings (bench/caption_val.py made them).
 The live guard replays them in rolling windows of 100, verdicts from 30, at the default thresholds (the
-checkpoints no longer loosen near_dup_threshold); the content-unique figure is read beside it, as phase 2
-wires it into the guard.
+checkpoints no longer loosen near_dup_threshold), with every rule the guard has: content-unique and the
+looping share included.
 """
 
 from __future__ import annotations
@@ -74,12 +74,17 @@ def test_shipped_checkpoints_no_longer_loosen_the_guard():
 @pytest.mark.parametrize("passes", [[0, 0, 0], [1, 2, 3]], ids=["greedy", "sampled"])
 def test_healthy_demo_is_never_flagged_over_three_shuffled_passes(passes):
     for seed in range(3):
-        lowest = 1.0
+        lowest, vendi = 1.0, []
         for step, (state,), (window,) in replay("demo", passes, seed):
             assert state.status != "collapsed", (seed, step, state.tripped)
-            if step % 25 == 0 and step >= 30:
-                lowest = min(lowest, content_unique_ratio(window))
+            assert state.degenerate_share == 0.0                      # the demo never loops
+            if step >= 30:
+                lowest = min(lowest, state.content_unique_ratio)
+                vendi.append(state.vendi_score)
+            if step % 97 == 0:   # the live running counts equal the offline function on the window
+                assert state.content_unique_ratio == pytest.approx(content_unique_ratio(window))
         assert state.near_unique_ratio > 0.6 and state.grounding_r1 > 0.6 and lowest > 0.9
+        assert min(vendi) > 3    # a healthy window means several different things (the collapsed one: below)
 
 
 @pytest.mark.parametrize("passes, rules", [([0, 0, 0], {"unique_ratio", "grounding_r1"}),

@@ -94,5 +94,8 @@ def test_running_vendi_follows_a_window():
     assert running.n == 100 and running.score() == pytest.approx(vendi_score(x[50:]), rel=1e-9)
     running.reset(x[:10])
     assert running.score() == pytest.approx(vendi_score(x[:10]))
+    for i in range(10, 150):   # queued past FLUSH_ROWS without a score: folded in on the way, same figure
+        running.replace(x[i - 10], x[i])
+    assert running.n == 10 and running.score() == pytest.approx(vendi_score(x[140:]), rel=1e-6)
     with pytest.raises(ValueError):
         running.add(np.ones(5))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,6 +14,7 @@ from fastapi.testclient import TestClient
 from fault_decoder import ABORT, HANG, OVERSIZE, SEGFAULT
 from prometheus_client.parser import text_string_to_metric_families
 
+from capguard.models.degenerate import degeneration
 from capguard.models.video import sample_indices
 from capguard.server.app import create_app
 from capguard.server.checkpoints import Checkpoints
@@ -68,7 +70,13 @@ def test_caption_answers_with_every_field(client, video_files, tmp_dir_empty):
     assert r.status_code == 200, r.text
     body = r.json()
     assert set(body) == {"caption", "checkpoint", "fingerprint", "video_sha256", "frames", "scores", "guard",
-                         "timings_ms", "decoding", "fallback"}
+                         "timings_ms", "degenerate", "decoding", "fallback"}
+    # the tests' random-weight demo often loops: the answer says so, as the library judges the caption
+    judged = degeneration(body["caption"])
+    if judged is None:
+        assert body["degenerate"] is None or body["degenerate"]["kind"] == "token_limit"
+    else:
+        assert body["degenerate"] | {"hit_token_limit": False} == judged.to_dict()
     assert body["checkpoint"] == "demo" and len(body["fingerprint"]) == 64
     assert body["video_sha256"] == hashlib.sha256(data).hexdigest()
     assert body["frames"]["count"] == 8 and body["frames"]["indices"] == sample_indices(18, 8)
@@ -85,12 +93,18 @@ def test_caption_answers_with_every_field(client, video_files, tmp_dir_empty):
 
 
 def test_caption_options_are_applied(client, video_files):
-    before = metric_samples(client)[("capguard_generated_tokens_total", (("checkpoint", "demo"),))]
+    cut = ("capguard_degenerate_captions_total", (("checkpoint", "demo"), ("kind", "token_limit")))
+    before = metric_samples(client)
     r = post(client, video_files[0].read_bytes(), num_frames=3, max_new_tokens=2)
     assert r.status_code == 200, r.text
     assert r.json()["frames"]["indices"] == sample_indices(12, 3)
-    after = metric_samples(client)[("capguard_generated_tokens_total", (("checkpoint", "demo"),))]
-    assert 0 <= after - before <= 2
+    after = metric_samples(client)
+    tokens = ("capguard_generated_tokens_total", (("checkpoint", "demo"),))
+    assert after[tokens] - before[tokens] == 2
+    # 2 tokens of a demo caption: cut at the limit, said so in the answer and counted by kind
+    assert r.json()["degenerate"] == {"kind": "token_limit", "period": 0, "repeats": 0.0, "coverage": 0.0,
+                                      "text": "", "hit_token_limit": True}
+    assert after[cut] - before[cut] == 1
 
 
 def test_named_checkpoint_loads_lazily(client, video_files):
@@ -258,8 +272,10 @@ def test_guard_payload_is_a_schema_in_openapi(client):
     spec = client.get("/openapi.json").json()
     schemas = spec["components"]["schemas"]
     assert schemas["CaptionResponse"]["properties"]["guard"] == {"$ref": "#/components/schemas/GuardInfo"}
-    assert {"status", "window_captions", "unique_ratio", "tripped", "modes", "thresholds"} <= set(
-        schemas["GuardInfo"]["properties"])
+    assert {"status", "window_captions", "unique_ratio", "tripped", "modes", "thresholds", "content_unique_ratio",
+            "vendi_score", "degenerate_share"} <= set(schemas["GuardInfo"]["properties"])
+    assert schemas["DegenerateInfo"]["properties"]["kind"]["enum"] == ["repeated_sentence", "repeated_ngram",
+                                                                       "token_limit"]
     guard_route = spec["paths"]["/checkpoints/{name}/guard"]["get"]["responses"]["200"]
     assert guard_route["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/GuardInfo"}
 
@@ -276,6 +292,16 @@ def test_admin_routes_need_a_token_on_a_network_bind(server_settings):
         assert client.get("/checkpoints").status_code == 200   # reading stays open
         settings.host = "127.0.0.1"
         assert client.post("/checkpoints/demo/activate").status_code == 200
+
+
+def test_kiwipiepy_warms_up_on_the_loader_thread_not_on_a_request(server_settings, monkeypatch):
+    import capguard.server.state as state_module
+
+    threads = []
+    monkeypatch.setattr(state_module.semantic, "warm_up", lambda: threads.append(threading.current_thread().name))
+    with TestClient(create_app(server_settings())) as client:
+        assert client.get("/readyz").status_code == 200
+    assert threads and all(name.startswith("capguard-load") for name in threads), threads
 
 
 def test_activate_switches_the_default_checkpoint(client, video_files):
@@ -304,8 +330,9 @@ def test_metrics_need_their_token_and_follow_design(client, video_files):
               "stage_duration_seconds": "histogram", "request_duration_seconds": "histogram",
               "siglip_score": "histogram", "batch_size": "histogram", "queue_depth": "gauge",
               **{f"window_{n}": "gauge" for n in ("captions", "unique_ratio", "near_unique_ratio", "top_mode_share",
-                                                  "repeat_probability", "siglip_mean", "grounding_r1")},
-              "collapse_flag": "gauge"}
+                                                  "repeat_probability", "siglip_mean", "grounding_r1",
+                                                  "content_unique_ratio", "vendi_score", "degenerate_share")},
+              "collapse_flag": "gauge", "degenerate_captions": "counter"}
     for name, kind in design.items():
         assert families[f"capguard_{name}"].type == kind, name
     samples = metric_samples(client)
@@ -313,6 +340,11 @@ def test_metrics_need_their_token_and_follow_design(client, video_files):
     assert samples[("capguard_captions_total", (("checkpoint", "demo"),))] >= 1
     assert samples[("capguard_window_captions", (("checkpoint", "demo"),))] >= 1
     assert samples[("capguard_collapse_flag", (("checkpoint", "demo"),))] == 0
+    assert samples[("capguard_window_content_unique_ratio", (("checkpoint", "demo"),))] > 0
+    assert 0 <= samples[("capguard_window_degenerate_share", (("checkpoint", "demo"),))] <= 1
+    # every kind's series exists from the load, at 0 until a caption of that kind
+    assert {dict(k[1])["kind"] for k in samples if k[0] == "capguard_degenerate_captions_total"} == {
+        "repeated_sentence", "repeated_ngram", "token_limit"}
     assert {dict(k[1]).get("stage") for k in samples if k[0] == "capguard_stage_duration_seconds_count"} == {
         "decode", "encode", "generate", "score"}
     # routes are labelled by template, never by the raw path (no per-name or per-video series)

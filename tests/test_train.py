@@ -42,6 +42,13 @@ def test_loss_falls_and_every_epoch_is_a_loadable_checkpoint(toy_run):
     assert stage1["llm"]["path"] == "../../shared/llm" and stage2["llm"]["path"] == "llm"
     assert stage1["vision"]["path"] == "../../shared/siglip"
     assert (root / "out" / "toy" / "history.json").is_file()
+    # the monitor's caption files: one per epoch, in the format `capguard evaluate --captions` reads
+    from capguard.models.captions_file import read_captions_file
+
+    for h in history:
+        rows = read_captions_file(root / "out" / "toy" / f"captions-epoch-{h.epoch}.jsonl").rows
+        assert len(rows) == 8 and all(r.video_path.is_file() and r.reference for r in rows)
+        assert h.stopped is None   # stop_on_collapse not set: report only
 
 
 def test_training_pools_a_video_as_the_scorer_does():

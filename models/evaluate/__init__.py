@@ -19,8 +19,9 @@ per checkpoint x video) and report.html (capguard.models.report.render_html).
 
 The package, one concern per module: dataset.py (what is captioned), metrics.py (reference and
 cross-checkpoint metrics), rows.py (a row per checkpoint and the report, pure functions), runner.py
-(``Evaluator`` and ``evaluate``: decoding once, checkpoints in turn, atomic writes) and watch.py (a
-training run's new checkpoints as they appear).
+(``Evaluator`` and ``evaluate``: decoding once, checkpoints in turn, atomic writes), watch.py (a
+training run's new checkpoints as they appear) and captions.py (``evaluate_captions``: caption files
+written by any pipeline, one row per file, the same rows and report).
 """
 
 from capguard.models.evaluate.dataset import VIDEO_EXTENSIONS, Dataset, VideoItem, load_dataset, natural_key

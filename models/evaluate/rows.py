@@ -18,12 +18,13 @@ from capguard.models.jsonable import jsonable
 from capguard.models.rules import GuardThresholds, tripped_rules
 
 REPORT_VERSION = 1
+MIN_CORRELATION_POINTS = 3   # checkpoints with SigLIP and diversity before the Spearman figure is reported
 
 
 ROW_KEYS = (
     "name", "path", "fingerprint", "projector_type", "epoch", "n", "unique", "diversity", "near_unique",
     "near_unique_ratio", "top_mode_share", "top_mode", "repeat_probability", "distinct_1", "distinct_2",
-    "self_bleu", "siglip_mean", "siglip_median", "grounding_r1", "grounding_margin", "bleu", "chrf",
+    "self_bleu", "content_unique_ratio", "vendi_score", "degenerate_share", "siglip_mean", "siglip_median", "grounding_r1", "grounding_margin", "bleu", "chrf",
     "cider_d", "attribute_accuracy", "attribute_accuracy_by_name", "status", "tripped", "thresholds", "modes",
     "num_frames", "seconds", "timings_s",
 )
@@ -34,11 +35,13 @@ def checkpoint_row(name: str, captions: Sequence[str], *, scores: Sequence[float
                    references: Sequence[str | None] | None = None,
                    attributes: Sequence[dict | None] | None = None, lang: str | None = None,
                    ids: Sequence[str] | None = None, thresholds: GuardThresholds | None = None,
-                   info: dict | None = None, top_k: int = 5) -> dict:
+                   info: dict | None = None, top_k: int = 5,
+                   degenerate: Sequence[str | None] | None = None) -> dict:
     """One checkpoint's report row (keys: ROW_KEYS) from its captions of the data set, in data set order.
 
     scores: SigLIP probability per caption (None: no scorer). text_emb/video_emb: (n, E) scorer embeddings
-    for grounding. references/attributes: per video, None where absent. ids: video ids, to name a mode's
+    for grounding and the Vendi score. degenerate: the degeneration kind (or None) per caption, computed with
+    its token counts (capguard.models.degenerate); None: judged from the text alone. references/attributes: per video, None where absent. ids: video ids, to name a mode's
     videos. info: path, fingerprint, ... copied into the row. Verdict: "collapsed" if any guard rule of
     thresholds (default GuardThresholds()) trips; the row records the thresholds it was judged by.
 
@@ -47,7 +50,7 @@ def checkpoint_row(name: str, captions: Sequence[str], *, scores: Sequence[float
     """
     thresholds = thresholds or GuardThresholds()
     report = diversity_report(list(captions), text_emb, video_emb, top_k=top_k,
-                              near_dup_threshold=thresholds.near_dup_threshold)
+                              near_dup_threshold=thresholds.near_dup_threshold, degenerate=degenerate)
     tripped = tripped_rules(report, thresholds)
     siglip = [s for s in (scores or []) if is_finite(s)]
     row = dict.fromkeys(ROW_KEYS)
@@ -60,6 +63,8 @@ def checkpoint_row(name: str, captions: Sequence[str], *, scores: Sequence[float
         "top_mode": report.modes[0].representative if report.modes else None,
         "repeat_probability": d["repeat_probability"], "distinct_1": d["distinct_1"],
         "distinct_2": d["distinct_2"], "self_bleu": d["self_bleu"],
+        "content_unique_ratio": d["content_unique_ratio"], "vendi_score": d["vendi_score"],
+        "degenerate_share": d["degenerate_share"],
         "siglip_mean": float(np.mean(siglip)) if siglip else None,
         "siglip_median": float(np.median(siglip)) if siglip else None,
         "grounding_r1": d["grounding_r1"], "grounding_margin": d["grounding_margin"],
@@ -134,13 +139,19 @@ def build_report(rows: Sequence[dict], dataset: dict | None = None, run: dict | 
                  extra_warnings: Sequence[dict] = ()) -> dict:
     """The report dict (what report.json holds) from rows in checkpoint order.
 
-    Example: two rows with siglip_mean 0.2 -> 0.3 and diversity 0.6 -> 0.1 -> correlation rho -1.0 and
-    warnings with codes "collapsed" (if the second collapsed), "siglip_diversity_negative",
-    "siglip_up_diversity_down", "best_siglip_collapsed".
+    Example: three rows with siglip_mean 0.1 -> 0.2 -> 0.4 and diversity 0.9 -> 0.6 -> 0.2 -> correlation
+    rho -1.0 and warnings with codes "collapsed" (if the last collapsed), "siglip_diversity_negative",
+    "siglip_up_diversity_down", "best_siglip_collapsed". With fewer than 3 such rows rho is None and
+    correlation["note"] says why (two points always rank-correlate +-1).
     """
     rows = list(rows)
-    rho = spearman([r["siglip_mean"] for r in rows], [r["diversity"] for r in rows])
     pairs = sum(is_finite(r["siglip_mean"]) and is_finite(r["diversity"]) for r in rows)
+    correlation = {"method": "spearman", "rho": None, "n": pairs}
+    if pairs >= MIN_CORRELATION_POINTS:
+        correlation["rho"] = spearman([r["siglip_mean"] for r in rows], [r["diversity"] for r in rows])
+    else:   # the ranks of 2 points always correlate +-1: a sign, not a measurement
+        correlation["note"] = (f"not meaningful with {pairs} checkpoint(s) that have SigLIP and diversity; "
+                               f"a rank correlation needs at least {MIN_CORRELATION_POINTS}")
     return jsonable({
         "version": REPORT_VERSION,
         "dataset": dict(dataset or {}),
@@ -148,6 +159,6 @@ def build_report(rows: Sequence[dict], dataset: dict | None = None, run: dict | 
         "checkpoints": rows,
         "verdicts": {r["name"]: r["status"] for r in rows},
         "fingerprints": {r["name"]: r.get("fingerprint") for r in rows},
-        "correlation": {"siglip_mean_vs_diversity": {"method": "spearman", "rho": rho, "n": pairs}},
-        "warnings": [*extra_warnings, *report_warnings(rows, rho)],
+        "correlation": {"siglip_mean_vs_diversity": correlation},
+        "warnings": [*extra_warnings, *report_warnings(rows, correlation["rho"])],
     })

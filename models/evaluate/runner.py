@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from capguard.models.config import MANIFEST_NAME, CheckpointConfig, GenerationConfig
 from capguard.models.decoding import MAX_SEED, DecodingRequest
+from capguard.models.degenerate import degeneration
 from capguard.models.evaluate.dataset import Dataset, VideoItem, load_dataset
 from capguard.models.evaluate.metrics import is_finite, metric_notes
 from capguard.models.evaluate.rows import build_report, checkpoint_row
@@ -147,6 +148,7 @@ class Evaluator:
         seeds: list[int | None] = []   # per caption: the seed it was sampled with (None: not sampled)
         captions: list[str] = []
         scores: list[float | None] = []
+        kinds: list[str | None] = []   # degeneration kind per caption, judged with its token count
         text_emb, video_emb = [], []
         stages = Counter()
         bar = tqdm(total=len(items), desc=name, unit="video", disable=not self.progress_bar)
@@ -163,6 +165,7 @@ class Evaluator:
                     seeds.append(gen.seed if gen.do_sample else None)
                     captions.append(out.caption)
                     scores.append(out.score)
+                    kinds.append(getattr(degeneration(out.caption, out.num_tokens, gen.max_new_tokens), "kind", None))
                     if out.text_emb is not None and out.video_emb is not None:
                         text_emb.append(out.text_emb)
                         video_emb.append(out.video_emb)
@@ -184,7 +187,8 @@ class Evaluator:
             video_emb=np.stack(video_emb) if grounded else None,             # (n, E)
             references=[it.reference for it in chosen] if self.dataset.lang else None,
             attributes=[it.attributes for it in chosen] if any(it.attributes for it in chosen) else None,
-            lang=self.dataset.lang, ids=[it.id for it in chosen], thresholds=thresholds, info=info)
+            lang=self.dataset.lang, ids=[it.id for it in chosen], thresholds=thresholds, info=info,
+            degenerate=kinds)
         self.rows.append(row)
         self.records += [{"checkpoint": name, "id": it.id, "path": it.rel, "caption": c,
                           "reference": it.reference, "siglip": s, "seed": seed}

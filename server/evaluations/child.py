@@ -64,6 +64,8 @@ def run_job(directory: Path, parent_pid: int | None = None) -> int:
         def frames(path: Path, num_frames: int, max_side: int):
             return decode(path, num_frames, limits, max_side=max_side).frames   # (T, H, W, 3) uint8
 
+        if spec.captions:
+            return _run_captions(spec, directory, frames, lambda done, total: store.progress(job_id, done, total))
         dataset = load_dataset(spec.dataset, spec.references, spec.limit)   # relative: cwd is datasets_root
         evaluator = Evaluator(dataset, directory, num_frames=spec.num_frames, batch_size=BATCH_SIZE,
                               max_new_tokens=spec.max_new_tokens, decoding=DecodingRequest(**spec.decoding),
@@ -87,6 +89,24 @@ def run_job(directory: Path, parent_pid: int | None = None) -> int:
         return 1
     finally:
         store.close()
+
+
+def _run_captions(spec: JobSpec, directory: Path, frames, progress) -> int:
+    """A caption-file job: each file is one report row (capguard.models.evaluate.captions). Uploads are read
+    without their video paths (they name nothing this server may open); named files resolve theirs under
+    videos_root, which the route kept inside the datasets root."""
+    from capguard.models.captions_file import parse_captions, read_captions_file
+    from capguard.models.evaluate.captions import evaluate_captions
+
+    files = []
+    for name, file, videos_root, source in spec.captions:
+        if videos_root is None:
+            files.append(parse_captions((directory / file).read_bytes(), source=source, name=name))
+        else:
+            files.append(read_captions_file(file, videos_root=videos_root, name=name))   # cwd: datasets_root
+    evaluate_captions(files, directory, device=spec.device, num_frames=spec.num_frames or 8, frame_loader=frames,
+                      progress_callback=progress)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from capguard.server.childproc import describe_exit, start_child
-from capguard.server.evaluations.store import MAX_ATTEMPTS, Job, JobSpec, JobStore, job_dir
+from capguard.server.evaluations.store import MAX_ATTEMPTS, Job, JobSpec, JobStore, job_dir, new_job_id
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +61,21 @@ class EvaluationManager:
         self._thread = threading.Thread(target=self._loop, name="capguard-evaluations", daemon=True)
         self._thread.start()
 
-    def submit(self, spec: JobSpec, total: int) -> Job:
-        job = self.store.create(spec, total)
-        job_dir(self.root, job.id).mkdir(parents=True)
-        log.info("evaluation %s queued: %d checkpoints on %s", job.id, len(spec.checkpoints), spec.dataset)
+    def submit(self, spec: JobSpec, total: int, files: dict[str, bytes] | None = None) -> Job:
+        """Queue a job; files ({path relative to the job dir: content}, e.g. uploaded caption files) are
+        written into its directory before the job exists in the table, so no job process can miss them."""
+        job_id = new_job_id()
+        directory = job_dir(self.root, job_id)
+        directory.mkdir(parents=True)
+        for relative, content in (files or {}).items():
+            path = directory / relative
+            if not path.resolve().is_relative_to(directory.resolve()):
+                raise ValueError(f"job file {relative!r} would leave the job directory")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content)
+        job = self.store.create(spec, total, job_id)
+        log.info("evaluation %s queued: %d %s on %s", job.id, len(spec.names),
+                 "caption files" if spec.captions else "checkpoints", spec.dataset)
         self._changed()
         self._wake.set()
         return job

@@ -79,10 +79,15 @@ class JobSpec:
     limits: dict = dataclasses.field(default_factory=dict)   # capguard.models.video.VideoLimits fields
     threads: int = 1               # torch threads in the job process
     nice: int = 10                 # added niceness of the job process
+    # caption files instead of checkpoints (capguard.models.evaluate.captions), in report order:
+    # [[name, file, videos_root, source], ...]; file relative to datasets_root (a named file) or to the job
+    # dir (an upload); videos_root None: the rows' video_path values are not opened (uploads)
+    captions: list[list[str | None]] = dataclasses.field(default_factory=list)
 
     @property
     def names(self) -> list[str]:
-        return [name for name, _ in self.checkpoints]
+        """The report's row names: the checkpoints', or the caption files'."""
+        return [entry[0] for entry in self.captions or self.checkpoints]
 
 
 @dataclass
@@ -128,8 +133,9 @@ class JobStore:
         with self._lock:
             return self._conn.execute(sql, args).rowcount
 
-    def create(self, spec: JobSpec, total: int) -> Job:
-        job = Job(new_job_id(), "queued", spec, 0, total, None, 0, time.time(), None, None)
+    def create(self, spec: JobSpec, total: int, job_id: str | None = None) -> Job:
+        """A queued job; job_id: one made beforehand with new_job_id (its directory is filled first)."""
+        job = Job(job_id or new_job_id(), "queued", spec, 0, total, None, 0, time.time(), None, None)
         self._write(f"INSERT INTO evaluation_jobs ({self._COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                       (job.id, job.status, json.dumps(dataclasses.asdict(spec)), 0, total, None, 0,
                        job.created_at, None, None))

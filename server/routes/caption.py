@@ -24,6 +24,7 @@ from capguard.server.schemas import (
     CaptionOptions,
     CaptionResponse,
     Decoding,
+    DegenerateInfo,
     Fallback,
     FramesInfo,
     GuardInfo,
@@ -86,5 +87,6 @@ async def caption(request: Request, state: State) -> CaptionResponse:
         fingerprint=stack.fingerprint, video_sha256=upload.sha256,
         frames=FramesInfo(count=len(video.indices), indices=video.indices, timestamps_s=video.timestamps_s),
         scores=Scores(siglip=out.score), guard=GuardInfo.model_validate(result.guard.to_dict()),
+        degenerate=None if result.degenerate is None else DegenerateInfo(**result.degenerate.to_dict()),
         timings_ms=Timings(decode=decode_ms, total=round((time.perf_counter() - started) * 1000, 3),
                            **{k: result.stages_ms.get(k, 0.0) for k in ("encode", "generate", "score")}))

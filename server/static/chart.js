@@ -17,6 +17,8 @@ const SERIES = {
   grounding_r1: ["grounding R@1", "s-r1"],
   siglip_mean: ["SigLIP mean", "s-siglip"],
   repeat_probability: ["repeat probability", "s-repeat"],
+  content_unique_ratio: ["content-unique ratio", "s-content"],
+  degenerate_share: ["looping share", "s-loop"],
 };
 
 function svg(tag, attrs = {}, children = []) {
