@@ -21,6 +21,9 @@ const FIGURES = [
   ["grounding_margin", "grounding margin", null, null],
   ["repeat_probability", "repeat probability", null, null],
   ["siglip_mean", "SigLIP mean", null, null],
+  ["content_unique_ratio", "content-unique ratio", "min_content_unique_ratio", "≥"],
+  ["degenerate_share", "looping share", "max_degenerate_share", "≤"],
+  ["vendi_score", "Vendi score", null, null],
 ];
 
 const $ = (id) => document.getElementById(id);
