@@ -9,13 +9,14 @@ so generation continues from aligned last positions. The same ``build_inputs`` s
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from capguard.models.config import VIDEO_PLACEHOLDER, GenerationConfig
 from capguard.models.encoder import VisionEncoder
+from capguard.models.sampling import plan_calls
 
 IGNORE_INDEX = -100
 
@@ -150,26 +151,36 @@ class Captioner(nn.Module):
         return Generated(text=self.tokenizer.decode(kept, skip_special_tokens=True).strip(), token_ids=kept)
 
     def generate_options(self, gen: GenerationConfig, max_new_tokens: int) -> dict:
-        """HF ``generate`` keyword arguments for a GenerationConfig (sampling knobs only when sampling)."""
-        options = asdict(gen) | {"max_new_tokens": max_new_tokens}
-        if not options["do_sample"]:
-            options.pop("temperature"), options.pop("top_p")
+        """HF ``generate`` keyword arguments for one row (capguard.models.sampling: a sampled row draws from its
+        own seeded stream, so the hf engine's one-by-one path reproduces a seed as the batched one does)."""
+        [(_, options)] = plan_calls([gen])
+        options = options | {"max_new_tokens": max_new_tokens}
         if self.static_cache:
             options.update(static_cache_options())
         return options
 
     @torch.inference_mode()
-    def generate(self, visual: list[torch.Tensor], gen: GenerationConfig,
+    def generate(self, visual: list[torch.Tensor], gen: GenerationConfig | list[GenerationConfig],
                  max_new_tokens: list[int] | None = None, **extra) -> list[Generated]:
-        """Greedy (or configured) batched decoding; each row may stop at its own ``max_new_tokens``.
+        """Batched decoding; each row may stop at its own ``max_new_tokens`` and decode by its own options.
 
-        Rows share one ``generate`` call run to the largest limit; a greedy row cut at its own
-        limit equals what a call with that limit would have produced. ``extra`` goes to HF
-        ``generate`` (the hf engine passes a stopping criterion that aborts a request).
+        ``gen``: one GenerationConfig for every row, or one per row (a server batch mixes requests);
+        ``capguard.models.sampling.plan_calls`` puts the rows in as few ``generate`` calls as it can (one,
+        unless some rows use beam search), each sampled row on its own seeded random stream. Rows of a
+        call run to its largest limit; a row cut at its own limit equals what a call with that limit
+        would have produced (greedy, and sampled: a row's draws do not depend on the others). ``extra``
+        goes to HF ``generate`` (the hf engine passes a stopping criterion that aborts a request).
         """
-        embeds, mask, _, _ = self.build_inputs(visual)
-        limits = max_new_tokens or [gen.max_new_tokens] * len(visual)
-        out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, pad_token_id=self.pad_id,
-                                eos_token_id=self.eos_id, **self.generate_options(gen, max(limits)),
-                                **extra)                                    # (B, new) new tokens only
-        return [self.finish(row, limit) for row, limit in zip(out.tolist(), limits, strict=True)]
+        gens = gen if isinstance(gen, list) else [gen] * len(visual)
+        limits = max_new_tokens or [g.max_new_tokens for g in gens]
+        results: list[Generated | None] = [None] * len(visual)
+        for rows, options in plan_calls(gens):
+            embeds, mask, _, _ = self.build_inputs([visual[i] for i in rows])
+            options = options | {"max_new_tokens": max(limits[i] for i in rows)}
+            if self.static_cache:
+                options.update(static_cache_options())
+            out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, pad_token_id=self.pad_id,
+                                    eos_token_id=self.eos_id, **options, **extra)   # (b, new) new tokens only
+            for i, row in zip(rows, out.tolist(), strict=True):
+                results[i] = self.finish(row, limits[i])
+        return results

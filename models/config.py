@@ -53,7 +53,9 @@ class GenerationConfig:
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0                 # 0: no top-k limit (sampling only); the same meaning in HF and vLLM
     repetition_penalty: float = 1.0
+    seed: int | None = None        # sampling: the row's own random stream (capguard.models.decoding); None: fresh
 
 
 @dataclass

@@ -164,9 +164,11 @@ class CaptionStack:
 
     @torch.inference_mode()
     def caption(self, videos: list[np.ndarray], max_new_tokens: list[int] | None = None,
-                generation: GenerationConfig | None = None, score: bool = True):
+                generation: GenerationConfig | list[GenerationConfig] | None = None, score: bool = True):
         """Caption a batch of videos given as (T, H, W, 3) uint8 frame arrays.
 
+        generation: the checkpoint's defaults when None; one GenerationConfig for all, or one per video
+        (capguard.models.decoding builds a request's).
         Returns (outputs, seconds per stage {"encode", "generate", "score"}); the stages are for the
         whole batch. Frame counts and frame sizes may differ between videos.
         """

@@ -1,13 +1,15 @@
 """The captioning service: what happens to a video between the /caption route and its answer.
 
-    name, stack = await choose_checkpoint(state, requested=None)      # collapse_policy applies here
-    video = await decode_video(state, upload_path, stack, num_frames)  # in a decoder process
-    result = await submit(state, CaptionJob(name, stack, video.frames, 32, sha256, decode_ms))
+    choice = await choose_checkpoint(state, requested=None)           # collapse_policy applies here
+    video = await decode_video(state, upload_path, choice.stack, num_frames)   # in a decoder process
+    gen = decoding.apply(choice.stack.config.generation)            # this request's decoding options
+    result = await submit(state, CaptionJob(choice.name, choice.stack, video.frames, gen, sha256, decode_ms))
 
 ``submit`` queues the job on the batcher; ``run_batch`` runs on the model thread for a whole batch of
-one checkpoint, in steps: ``generate`` (the model: encode, generate, score), ``log`` (one committed
-write to the caption log), ``degeneration`` (does the caption loop, judged with its token count; tens of
-microseconds), ``observe`` (the guard), ``record`` (the metrics). ``generate`` is the
+one checkpoint, in steps: ``generate`` (the model: encode, generate, score; each job decodes by its own
+options, capguard.models.sampling), ``log`` (one committed write to the caption log), ``degeneration``
+(does the caption loop, judged with its token count; tens of microseconds), ``observe`` (the guard),
+``record`` (the metrics). ``generate`` is the
 only step that touches the model: swapping how batches are generated changes that function alone.
 The answer leaves only after its caption is committed.
 """
@@ -20,6 +22,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from capguard.models.config import GenerationConfig
+from capguard.models.decoding import effective
 from capguard.models.degenerate import Degeneration, degeneration
 from capguard.models.stack import CaptionOutput, CaptionStack
 from capguard.server.batcher import QueueFull
@@ -41,7 +45,10 @@ class CaptionJob:
     checkpoint: str              # name: the batch key, the guard and the log row
     stack: CaptionStack          # chosen (and loaded) on the event loop, so the model thread never loads
     frames: np.ndarray           # (T, H, W, 3) uint8 from the decoder process
-    max_new_tokens: int          # this request's own limit; a batch mixes limits
+    # this request's decoding (the checkpoint's defaults + its own fields, capguard.models.decoding) and
+    # max_new_tokens; a batch mixes them. An engine with per-request sampling parameters (vLLM's
+    # SamplingParams, seed included) takes it as it is; the hf engine runs it per row (models/sampling.py)
+    generation: GenerationConfig
     video_sha256: str            # the guard counts distinct videos by it
     decode_ms: float             # kept in the log row's timings
 
@@ -61,12 +68,21 @@ def _collapsed(state: AppState, name: str) -> bool:
     return state.guards.get(name).state().status == "collapsed"
 
 
-async def choose_checkpoint(state: AppState, requested: str | None) -> tuple[str, CaptionStack]:
+@dataclasses.dataclass
+class Choice:
+    name: str                    # the checkpoint that serves the request
+    stack: CaptionStack
+    fallback_from: str | None = None   # under "fallback": the collapsed checkpoint it stands in for
+    reason: list[str] = dataclasses.field(default_factory=list)   # that checkpoint's tripped rules then
+
+
+async def choose_checkpoint(state: AppState, requested: str | None) -> Choice:
     """The checkpoint to serve with, after collapse_policy.
 
     "flag" serves whatever it is asked. "reject" answers 503 for a collapsed checkpoint. "fallback"
     serves a request that names no checkpoint from the most recently active loaded one that is not
-    collapsed (a request that names one gets that one or a 503: it asked for those weights).
+    collapsed (a request that names one gets that one or a 503: it asked for those weights); the choice
+    says which one it stood in for and why, and capguard_fallbacks_total{requested,served} counts it.
     """
     checkpoints = state.checkpoints
     name = requested or checkpoints.active
@@ -78,12 +94,14 @@ async def choose_checkpoint(state: AppState, requested: str | None) -> tuple[str
         raise unavailable("not_ready", f"the active checkpoint cannot serve ({exc.message})", 5) from None
     policy = state.settings.collapse_policy
     if policy == "flag" or not _collapsed(state, name):
-        return name, stack
+        return Choice(name, stack)
     if policy == "fallback" and requested is None:
         for other in reversed(checkpoints.history):
             other_stack = checkpoints.loaded(other)
             if other != name and other_stack is not None and not _collapsed(state, other):
-                return other, other_stack
+                state.metrics.fallbacks.labels(name, other).inc()
+                reason = list(state.guards.get(name).state().tripped)
+                return Choice(other, other_stack, fallback_from=name, reason=reason)
     raise unavailable("checkpoint_collapsed",
                       f"checkpoint {name!r} is flagged collapsed (its recent captions hardly depend on the video); "
                       "activate a healthy checkpoint (POST /checkpoints/{name}/activate)", COLLAPSED_RETRY_AFTER_S)
@@ -124,7 +142,8 @@ def run_batch(state: AppState, jobs: list[CaptionJob]) -> list[CaptionResult]:
     stages_ms = {stage: round(seconds * 1000, 3) for stage, seconds in stages.items()}
     log_captions(state, jobs, outputs, stages_ms)
     guard = state.guards.get(jobs[0].checkpoint)
-    loops = [degeneration(out.caption, out.num_tokens, job.max_new_tokens) for job, out in zip(jobs, outputs, strict=True)]
+    loops = [degeneration(out.caption, out.num_tokens, job.generation.max_new_tokens)
+             for job, out in zip(jobs, outputs, strict=True)]
     states = [observe(guard, job, out, loop) for job, out, loop in zip(jobs, outputs, loops, strict=True)]
     record(state, jobs[0].checkpoint, outputs, states, stages)
     for loop in loops:
@@ -140,7 +159,7 @@ def generate(jobs: list[CaptionJob]) -> tuple[list[CaptionOutput], dict[str, flo
     Returns (one output per job, seconds per stage {"encode", "generate", "score"} of the whole batch).
     """
     stack = jobs[0].stack
-    return stack.caption([job.frames for job in jobs], max_new_tokens=[job.max_new_tokens for job in jobs])
+    return stack.caption([job.frames for job in jobs], generation=[job.generation for job in jobs])
 
 
 def log_captions(state: AppState, jobs: list[CaptionJob], outputs: list[CaptionOutput],
@@ -149,7 +168,8 @@ def log_captions(state: AppState, jobs: list[CaptionJob], outputs: list[CaptionO
     state.storage.append([
         CaptionRecord(checkpoint=job.checkpoint, fingerprint=job.stack.fingerprint, video_sha256=job.video_sha256,
                       caption=out.caption, num_tokens=out.num_tokens, siglip=out.score, text_emb=out.text_emb,
-                      video_emb=out.video_emb, timings_ms={"decode": job.decode_ms, **stages_ms, "batch": len(jobs)})
+                      video_emb=out.video_emb, timings_ms={"decode": job.decode_ms, **stages_ms, "batch": len(jobs)},
+                      decoding=effective(job.generation) | {"max_new_tokens": job.generation.max_new_tokens})
         for job, out in zip(jobs, outputs, strict=True)])
 
 
@@ -165,7 +185,8 @@ def observe(guard: Guard, job: CaptionJob, out: CaptionOutput, loop: Degeneratio
 
 def record(state: AppState, name: str, outputs: list[CaptionOutput], states: list[GuardState],
            stages: dict[str, float]) -> None:
-    """The batch's metrics: stage durations, captions and tokens, scores, the guard gauges and trips."""
+    """The batch's metrics: stage durations, captions and tokens, scores, the guard gauges and trips, and the
+    guard history the page's chart draws."""
     metrics = state.metrics
     for stage, seconds in stages.items():
         metrics.stage_seconds.labels(stage).observe(seconds)
@@ -175,3 +196,4 @@ def record(state: AppState, name: str, outputs: list[CaptionOutput], states: lis
         if out.score is not None:
             metrics.siglip.labels(name).observe(out.score)
         metrics.observe_guard(name, guard_state)
+        state.history.add(name, guard_state)

@@ -47,6 +47,29 @@ def _at_least(minimum: float, kind: type = int):
     return parse
 
 
+def _add_decoding_arguments(p: argparse.ArgumentParser) -> None:
+    """The per-request decoding fields as flags (capguard.models.decoding; absent: the checkpoint's own)."""
+    group = p.add_argument_group("decoding (default: each checkpoint's generation section)")
+    group.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=None,
+                       help="sample instead of greedy / beam search")
+    group.add_argument("--temperature", type=float, help="> 0; needs --do-sample")
+    group.add_argument("--top-p", type=float, help="(0, 1]; needs --do-sample")
+    group.add_argument("--top-k", type=int, help=">= 0 (0: no limit); needs --do-sample")
+    group.add_argument("--num-beams", type=int, help="beam search width; not with --do-sample")
+    group.add_argument("--repetition-penalty", type=float, help="> 0 (1: none)")
+    group.add_argument("--seed", type=int, help="needs --do-sample; caption: every video, evaluate: video i gets "
+                                                "seed + i (reproducible runs)")
+
+
+def _decoding(args: argparse.Namespace):
+    """The DecodingRequest the flags make; ValueError (-> usage error, exit 2) when it is not valid."""
+    from capguard.models.decoding import DecodingRequest
+
+    request = DecodingRequest(**{name: getattr(args, name) for name in DecodingRequest.names()})
+    request.check()
+    return request
+
+
 def _use_engine(args: argparse.Namespace) -> None:
     """--engine wins over CAPGUARD_ENGINE; every load_stack of this process (evaluations too) reads it."""
     if getattr(args, "engine", None):
@@ -54,6 +77,9 @@ def _use_engine(args: argparse.Namespace) -> None:
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from capguard.models.decoding import effective
     from capguard.models.stack import load_stack
     from capguard.models.video import VideoError, VideoLimits, sample_frames
 
@@ -76,11 +102,14 @@ def cmd_caption(args: argparse.Namespace) -> int:
             metas.append(sampled)
         if not frames:
             continue
-        outputs, stages = stack.caption(frames, max_new_tokens=None if args.max_new_tokens is None
-                                        else [args.max_new_tokens] * len(frames))
-        for path, sampled, out in zip(paths, metas, outputs, strict=True):
+        gens = [args.decoding.apply(stack.config.generation) for _ in frames]   # a drawn seed per video
+        if args.max_new_tokens is not None:
+            gens = [replace(gen, max_new_tokens=args.max_new_tokens) for gen in gens]
+        outputs, stages = stack.caption(frames, generation=gens)
+        for path, sampled, out, gen in zip(paths, metas, outputs, gens, strict=True):
             record = {
                 "video": path, "caption": out.caption, "checkpoint": stack.name, "fingerprint": stack.fingerprint,
+                "decoding": effective(gen),
                 "engine": stack.engine_name,
                 "frames": {"count": len(sampled.indices), "indices": sampled.indices,
                            "timestamps_s": [round(t, 4) for t in sampled.timestamps_s], "backend": sampled.backend},
@@ -156,12 +185,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"capguard evaluate: error: {exc}", file=sys.stderr)
         return 2
     options = {"num_frames": args.num_frames, "batch_size": args.batch_size, "device": args.device,
-               "max_new_tokens": args.max_new_tokens}
+               "max_new_tokens": args.max_new_tokens, "decoding": args.decoding}
     if args.ray and args.watch:
         print("capguard evaluate: error: --ray sweeps --checkpoints; --watch runs on this machine", file=sys.stderr)
         return 2
     if args.actors < 1:
         print(f"capguard evaluate: error: --actors must be at least 1, got {args.actors}", file=sys.stderr)
+        return 2
+    if args.ray and args.decoding.given():
+        print("capguard evaluate: error: decoding options are not applied by --ray sweeps yet; drop them or --ray",
+              file=sys.stderr)
         return 2
     _use_engine(args)
     try:
@@ -172,6 +205,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 return 2
             from capguard.models.ray_sweep import sweep
 
+            options.pop("decoding")   # none given (checked above): each checkpoint's own, as the workers use
             report = sweep(args.checkpoints, dataset, args.out, address=args.ray, actors=args.actors, **options)
         elif args.watch:
             report = watch(args.watch, dataset, args.out, interval=args.interval, once=args.once,
@@ -319,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_at_least(1), default=8)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-score", action="store_true", help="skip the scorer")
+    _add_decoding_arguments(p)
     _engine_argument(p)
     p.set_defaults(func=cmd_caption)
 
@@ -386,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="spread the work over a Ray cluster's actor pool (auto: the running one, else a local one); "
                         "a rerun resumes from out/sweep.jsonl")
     p.add_argument("--actors", type=int, default=2, help="--ray: workers in the pool, each holding one loaded stack")
+    _add_decoding_arguments(p)
     _engine_argument(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -416,7 +452,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if hasattr(args, "do_sample"):   # caption, evaluate: the decoding flags are checked before anything loads
+        try:
+            args.decoding = _decoding(args)
+        except ValueError as exc:
+            parser.error(f"{args.command}: {exc}")
     _setup_logging(args.verbose)
     try:
         return args.func(args)

@@ -7,6 +7,7 @@
 | capguard_captions_total                     | counter   | checkpoint       | captions served                   |
 | capguard_generated_tokens_total             | counter   | checkpoint       | tokens generated (EOS excluded)   |
 | capguard_guard_trips_total                  | counter   | checkpoint, rule | guard rules that tripped          |
+| capguard_fallbacks_total                    | counter   | requested, served | requests answered by another checkpoint (collapse_policy=fallback) |
 | capguard_degenerate_captions_total          | counter   | checkpoint, kind | captions that loop or hit max_new_tokens |
 | capguard_stage_duration_seconds             | histogram | stage            | decode per video; encode, generate, score per batch |
 | capguard_siglip_score                       | histogram | checkpoint       | scorer probability (0-1)          |
@@ -74,6 +75,8 @@ class Metrics:
         self.captions = Counter("capguard_captions", "Captions served", ["checkpoint"], registry=r)
         self.tokens = Counter("capguard_generated_tokens", "Tokens generated", ["checkpoint"], registry=r)
         self.trips = Counter("capguard_guard_trips", "Guard rules that tripped", ["checkpoint", "rule"], registry=r)
+        self.fallbacks = Counter("capguard_fallbacks", "Requests for a collapsed checkpoint answered by another "
+                                 "(collapse_policy=fallback)", ["requested", "served"], registry=r)
         self.degenerate = Counter("capguard_degenerate_captions", "Captions that loop or hit max_new_tokens, by kind",
                                   ["checkpoint", "kind"], registry=r)
         self.stage_seconds = Histogram("capguard_stage_duration_seconds",

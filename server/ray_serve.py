@@ -102,12 +102,16 @@ class ModelReplica:
         return {"name": name, "directory": str(stack.directory), "fingerprint": stack.fingerprint,
                 "frame_side": stack.frame_side, "device": str(stack.device), "dtype": str(stack.dtype)}
 
-    async def caption(self, videos: list[np.ndarray], max_new_tokens: list[int] | None,
-                      checkpoint: str | None = None) -> tuple[list[CaptionOutput], dict[str, float], str]:
-        """One batch of (T, H, W, 3) uint8 videos -> (outputs, seconds per stage, this replica's id)."""
+    async def caption(self, videos: list[np.ndarray], max_new_tokens: list[int] | None = None,
+                      checkpoint: str | None = None, generation=None
+                      ) -> tuple[list[CaptionOutput], dict[str, float], str]:
+        """One batch of (T, H, W, 3) uint8 videos -> (outputs, seconds per stage, this replica's id).
+
+        max_new_tokens, generation: as ``CaptionStack.caption`` takes them (generation: one GenerationConfig
+        per video, each request's decoding options applied)."""
         stack = await self.get_stack(self._model_id(checkpoint))
         async with self.lock:
-            outputs, stages = await asyncio.to_thread(stack.caption, videos, max_new_tokens)
+            outputs, stages = await asyncio.to_thread(stack.caption, videos, max_new_tokens, generation)
         self.videos += len(videos)
         return outputs, stages, replica_id()
 
@@ -144,7 +148,7 @@ class RemoteStack:
     def projector_type(self) -> str:
         return self.config.projector.type
 
-    def caption(self, videos: list[np.ndarray], max_new_tokens: list[int] | None = None):
+    def caption(self, videos: list[np.ndarray], max_new_tokens: list[int] | None = None, generation=None):
         """The model step on a model replica (called on the ingress's model thread); retried on a replica
         that died, since nothing of this batch is logged yet."""
         from ray.exceptions import ActorUnavailableError, RayActorError
@@ -152,8 +156,8 @@ class RemoteStack:
         handle = self.model.options(multiplexed_model_id=self.name)
         for attempt in range(1, MODEL_RETRIES + 1):
             try:
-                outputs, stages, replica = handle.caption.remote(videos, max_new_tokens).result(
-                    timeout_s=CALL_TIMEOUT_S)
+                outputs, stages, replica = handle.caption.remote(videos, max_new_tokens, generation=generation
+                                                                 ).result(timeout_s=CALL_TIMEOUT_S)
                 self.served[replica] += len(videos)
                 return outputs, stages
             except (RayActorError, ActorUnavailableError) as exc:

@@ -6,13 +6,36 @@ from datetime import datetime
 from typing import Any, Literal
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from capguard.models.decoding import DecodingRequest
 
 MAX_NUM_FRAMES = 64       # frames per video a client may ask for: bounds decode and encode cost
 MAX_NEW_TOKENS = 256      # tokens per caption a client may ask for: bounds generation time
 
 
-class CaptionOptions(BaseModel):
+class DecodingFields(BaseModel):
+    """The per-request decoding fields (capguard.models.decoding: ranges, combinations and their reasons);
+    None keeps the checkpoint's default. A bad value or combination is a 422 that says what to send."""
+
+    do_sample: bool | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    num_beams: int | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        self.decoding().check()   # ValueError -> a 422 whose message names the field
+        return self
+
+    def decoding(self) -> DecodingRequest:
+        return DecodingRequest(**{name: getattr(self, name) for name in DecodingRequest.names()})
+
+
+class CaptionOptions(DecodingFields):
     """The optional text fields of POST /caption (the file field is handled by the upload parser)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -91,6 +114,60 @@ class GuardInfo(BaseModel):
     clears_in: dict[str, int]           # tripped rule now passing -> passing evaluations still needed
 
 
+class Decoding(BaseModel):
+    """How this caption was decoded: the checkpoint's defaults with the request's fields (models/decoding.py).
+    Sampling-only fields are null when the caption was not sampled; a sampled one always has its seed."""
+
+    do_sample: bool
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None           # 0: no top-k limit
+    num_beams: int
+    repetition_penalty: float
+    seed: int | None            # send it back with the same video and checkpoint to get the same caption
+
+
+class Fallback(BaseModel):
+    """Under collapse_policy=fallback: the checkpoint asked for, and why another one answered."""
+
+    requested: str              # the checkpoint the request would have used (the active one)
+    reason: list[str]           # its guard rules tripped at the time (e.g. ["unique_ratio", "grounding_r1"])
+
+
+class GuardPoint(BaseModel):
+    """The guard of one checkpoint after a caption (server/history.py); figures 0-1, null when unavailable."""
+
+    t: float                    # unix seconds
+    captions_seen: int          # captions this checkpoint served since the server started (0: restored)
+    window_captions: int
+    status: Literal["warming_up", "ok", "collapsed"]
+    tripped: list[str]
+    unique_ratio: float | None
+    near_unique_ratio: float | None
+    top_mode_share: float | None
+    grounding_r1: float | None
+    siglip_mean: float | None
+    repeat_probability: float | None
+    content_unique_ratio: float | None
+    degenerate_share: float | None
+    vendi_score: float | None   # not 0-1 (1 to the window's size): in each point, not drawn on the chart
+
+
+class RuleLine(BaseModel):
+    figure: str                 # the figure the rule reads, e.g. "unique_ratio"
+    kind: Literal["min", "max"]   # min: trips below the value; max: trips above it
+    value: float
+
+
+class GuardHistoryInfo(BaseModel):
+    """GET /checkpoints/{name}/guard/history: the figures over time and the rule lines to draw with them."""
+
+    checkpoint: str
+    every: int                  # captions per point
+    figures: list[str]          # the figure names each point carries
+    points: list[GuardPoint]    # oldest first; the last `history_points` only
+    rules: list[RuleLine]
+
 class DegenerateInfo(BaseModel):
     """Why this caption reads as degenerate (capguard.models.degenerate.Degeneration.to_dict())."""
 
@@ -105,6 +182,8 @@ class DegenerateInfo(BaseModel):
 class CaptionResponse(BaseModel):
     caption: str
     checkpoint: str             # the checkpoint that wrote it (the fallback one under collapse_policy=fallback)
+    fallback: Fallback | None = None   # set when `checkpoint` is not the one asked for (collapse_policy=fallback)
+    decoding: Decoding          # the decoding options in effect
     fingerprint: str            # sha256 of its weights
     video_sha256: str
     frames: FramesInfo
@@ -139,7 +218,7 @@ class Ready(BaseModel):
     fingerprint: str
 
 
-class EvaluationRequest(BaseModel):
+class EvaluationRequest(DecodingFields):
     """POST /evaluations: what to evaluate. Bounds beyond these come from settings (evaluation_max_*)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -149,6 +228,8 @@ class EvaluationRequest(BaseModel):
     limit: int | None = Field(None, ge=1)                # the first N videos only
     num_frames: int | None = Field(None, ge=1, le=MAX_NUM_FRAMES)   # None: each checkpoint's own
     references: Literal["auto", "ko", "en", "none"] = "auto"       # which manifest captions score BLEU etc.
+    max_new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)   # None: each checkpoint's own
+    # + the decoding fields (DecodingFields), applied to every checkpoint's own defaults
 
 
 class CaptionsEvaluationRequest(BaseModel):
@@ -182,6 +263,8 @@ class EvaluationJob(BaseModel):
     limit: int | None
     num_frames: int | None
     references: str
+    max_new_tokens: int | None = None
+    decoding: dict[str, Any] = {}     # the decoding fields the job was asked for ({}: each checkpoint's defaults)
     progress: EvaluationProgress
     error: str | None           # why it failed or was cancelled
     attempts: int               # runs started: more than 1 when a restart interrupted it and it was resumed

@@ -123,6 +123,9 @@ class Settings(BaseSettings):
     # what a collapsed checkpoint does: "flag" serves and says so, "reject" answers 503,
     # "fallback" serves from the most recently active checkpoint that is not collapsed
     collapse_policy: Literal["flag", "reject", "fallback"] = "flag"
+    # the live chart's history (server/history.py): a point every N captions, the last M points per checkpoint
+    history_every: int = Field(1, ge=1)
+    history_points: int = Field(500, ge=1, le=100_000)
 
     @model_validator(mode="after")
     def _guard_window_holds_a_verdict(self) -> Settings:

@@ -29,6 +29,7 @@ from capguard.server.decode import DecodePool, import_function
 from capguard.server.errors import ApiError
 from capguard.server.evaluations import EvaluationManager, JobStore
 from capguard.server.guard import GuardRegistry, GuardSettings
+from capguard.server.history import GuardHistory
 from capguard.server.metrics import Metrics
 from capguard.server.settings import Settings
 from capguard.server.storage import CaptionLog
@@ -49,6 +50,7 @@ class AppState:
     batcher: Batcher         # the model thread
     evaluations: EvaluationManager   # evaluation jobs: one at a time, each in its own process
     limits: VideoLimits      # what an upload may be, from settings
+    history: GuardHistory    # the guard figures over time, per checkpoint (the page's live chart)
     preparing: int = 0       # /caption requests uploading or decoding: the batcher waits for them (event loop only)
 
     async def start(self) -> None:
@@ -84,6 +86,7 @@ def init_state(settings: Settings, metrics: Metrics) -> AppState:
     remove_stale_uploads(data_dir / "tmp")
     storage = CaptionLog(data_dir / "capguard.db")
     guards = GuardRegistry(GuardSettings.from_options(settings.guard_options()))
+    history = GuardHistory(settings.history_points, settings.history_every)
     # guard options set explicitly (env, CLI, a test's Settings) win over a checkpoint's capguard.json
     explicit = {k.removeprefix("guard_") for k in settings.model_fields_set if k.startswith("guard_")}
 
@@ -93,6 +96,8 @@ def init_state(settings: Settings, metrics: Metrics) -> AppState:
         guard = guards.configure(name, {k: v for k, v in stack.config.guard.items() if k not in explicit})
         rows = storage.recent(name, settings.guard_window, fingerprint=stack.fingerprint)
         guard.restore(rows)
+        history.forget(name)
+        history.add(name, guard.state(), count=False)
         metrics.checkpoint_loaded(name)
         metrics.observe_guard(name, guard.state(), count_trips=False)
         log.info("checkpoint %s: guard restored from %d logged captions", name, len(rows))
@@ -114,7 +119,7 @@ def init_state(settings: Settings, metrics: Metrics) -> AppState:
     limits = VideoLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels,
                          max_duration_s=settings.max_duration_s, max_frames=settings.max_frames)
     state = AppState(settings=settings, metrics=metrics, storage=storage, guards=guards, checkpoints=checkpoints,
-                     decoder=decoder, batcher=batcher, evaluations=evaluations, limits=limits)
+                     decoder=decoder, batcher=batcher, evaluations=evaluations, limits=limits, history=history)
     return state
 
 

@@ -27,9 +27,10 @@ class EngineError(RuntimeError):
 class Engine(Protocol):
     name: str   # "hf" | "vllm": logged, and the `engine` a server reports
 
-    def generate(self, visual: list[torch.Tensor], gen: GenerationConfig,
+    def generate(self, visual: list[torch.Tensor], gen: GenerationConfig | list[GenerationConfig],
                  max_new_tokens: list[int] | None = None) -> list[Generated]:
-        """Caption a batch of (Q_i, D_llm) visual token blocks; blocks until every row is done."""
+        """Caption a batch of (Q_i, D_llm) visual token blocks; blocks until every row is done. ``gen``: one
+        GenerationConfig for all rows or one per row (a server batch mixes requests' decoding options)."""
         ...
 
     async def generate_one(self, embeds: torch.Tensor, gen: GenerationConfig, request_id: str,

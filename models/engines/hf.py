@@ -41,7 +41,7 @@ class HFEngine:
         self._aborted: set[str] = set()    # the subset to stop (only pending ids: nothing accumulates)
         self._closed = False
 
-    def generate(self, visual: list[torch.Tensor], gen: GenerationConfig,
+    def generate(self, visual: list[torch.Tensor], gen: GenerationConfig | list[GenerationConfig],
                  max_new_tokens: list[int] | None = None) -> list[Generated]:
         self.check_health()   # no lock: batches may run side by side (the server's CAPGUARD_MODEL_THREADS)
         return self.captioner.generate(visual, gen, max_new_tokens)

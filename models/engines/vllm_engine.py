@@ -238,16 +238,18 @@ class VLLMEngine:
         return await self.core.call(self._run(self._prompt(embeds), gen, request_id, limit))
 
     @torch.inference_mode()
-    def generate(self, visual: list[torch.Tensor], gen: GenerationConfig,
+    def generate(self, visual: list[torch.Tensor], gen: GenerationConfig | list[GenerationConfig],
                  max_new_tokens: list[int] | None = None) -> list[Generated]:
-        """All rows submitted at once; vLLM batches them continuously. Blocks the calling thread."""
+        """All rows submitted at once, each with its own SamplingParams (``gen`` per row, or one for all: a
+        request's seed included); vLLM batches them continuously. Blocks the calling thread."""
         self.check_health()
-        limits = max_new_tokens or [gen.max_new_tokens] * len(visual)
+        gens = gen if isinstance(gen, list) else [gen] * len(visual)
+        limits = max_new_tokens or [g.max_new_tokens for g in gens]
         rows = [self._prompt(self.captioner.sequence(v)) for v in visual]   # (L_i, D_llm) each
 
         async def run_all() -> list[Generated]:
-            tasks = [asyncio.ensure_future(self._run(row, gen, f"{self._prefix}-{next(self._ids)}", limit))
-                     for row, limit in zip(rows, limits, strict=True)]
+            tasks = [asyncio.ensure_future(self._run(row, g, f"{self._prefix}-{next(self._ids)}", limit))
+                     for row, g, limit in zip(rows, gens, limits, strict=True)]
             try:
                 return list(await asyncio.gather(*tasks))
             finally:

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from capguard.models.config import MANIFEST_NAME, CheckpointConfig
+from capguard.models.config import MANIFEST_NAME, CheckpointConfig, GenerationConfig
+from capguard.models.decoding import MAX_SEED, DecodingRequest
 from capguard.models.degenerate import degeneration
 from capguard.models.evaluate.dataset import Dataset, VideoItem, load_dataset
 from capguard.models.evaluate.metrics import is_finite, metric_notes
@@ -91,7 +92,8 @@ class Evaluator:
                  batch_size: int = 16, device: str = "auto", thresholds: GuardThresholds | None = None,
                  cache=None, progress_callback: ProgressCallback | None = None, progress_bar: bool = True,
                  frame_loader: FrameLoader | None = None, expected_checkpoints: int = 1,
-                 max_new_tokens: int | None = None, max_frame_bytes: int = 4 * 2**30):
+                 max_new_tokens: int | None = None, max_frame_bytes: int = 4 * 2**30,
+                 decoding: DecodingRequest | None = None):
         from capguard.models.stack import ComponentCache
 
         for name, value in (("batch_size", batch_size), ("num_frames", num_frames), ("max_new_tokens", max_new_tokens)):
@@ -100,6 +102,10 @@ class Evaluator:
         self.dataset, self.out_dir = dataset, Path(out_dir)
         self.num_frames, self.batch_size, self.device = num_frames, batch_size, device
         self.max_new_tokens = max_new_tokens     # None: each checkpoint's generation default
+        # decoding fields applied to each checkpoint's own defaults; a given seed makes video i use seed + i
+        # (its own stream, so a run is reproducible and videos do not share their draws)
+        self.decoding = decoding if decoding is not None else DecodingRequest()
+        self.decoding.check()
         self.thresholds = thresholds   # None: the defaults updated by each checkpoint's guard section
         self.cache = cache if cache is not None else ComponentCache()
         self.progress_callback, self.progress_bar = progress_callback, progress_bar
@@ -139,6 +145,7 @@ class Evaluator:
         num_frames = stack.config.num_frames if self.num_frames is None else self.num_frames
         items = self.dataset.items
         kept: list[int] = []
+        seeds: list[int | None] = []   # per caption: the seed it was sampled with (None: not sampled)
         captions: list[str] = []
         scores: list[float | None] = []
         kinds: list[str | None] = []   # degeneration kind per caption, judged with its token count
@@ -150,15 +157,15 @@ class Evaluator:
             decoded = [(i, self.frames.get(i, items[i], num_frames, stack.frame_side)) for i in batch]
             decoded = [(i, f) for i, f in decoded if f is not None]
             if decoded:
-                budget = None if self.max_new_tokens is None else [self.max_new_tokens] * len(decoded)
-                limit = self.max_new_tokens or stack.config.generation.max_new_tokens
-                outputs, seconds = stack.caption([f for _, f in decoded], max_new_tokens=budget)
+                gens = [self.generation(stack.config.generation, i) for i, _ in decoded]
+                outputs, seconds = stack.caption([f for _, f in decoded], generation=gens)
                 stages.update(seconds)
-                for (i, _), out in zip(decoded, outputs, strict=True):
+                for (i, _), out, gen in zip(decoded, outputs, gens, strict=True):
                     kept.append(i)
+                    seeds.append(gen.seed if gen.do_sample else None)
                     captions.append(out.caption)
                     scores.append(out.score)
-                    kinds.append(getattr(degeneration(out.caption, out.num_tokens, limit), "kind", None))
+                    kinds.append(getattr(degeneration(out.caption, out.num_tokens, gen.max_new_tokens), "kind", None))
                     if out.text_emb is not None and out.video_emb is not None:
                         text_emb.append(out.text_emb)
                         video_emb.append(out.video_emb)
@@ -184,8 +191,8 @@ class Evaluator:
             degenerate=kinds)
         self.rows.append(row)
         self.records += [{"checkpoint": name, "id": it.id, "path": it.rel, "caption": c,
-                          "reference": it.reference, "siglip": s}
-                         for it, c, s in zip(chosen, captions, scores, strict=True)]
+                          "reference": it.reference, "siglip": s, "seed": seed}
+                         for it, c, s, seed in zip(chosen, captions, scores, seeds, strict=True)]
         log.info("%s: %d/%d unique (%.2f) | near %d | top mode %.2f | SigLIP %s | R@1 %s | %s %s", name,
                  row["unique"], row["n"], row["diversity"], row["near_unique"], row["top_mode_share"],
                  _fmt(row["siglip_mean"]), _fmt(row["grounding_r1"]), row["status"], ",".join(row["tripped"]))
@@ -195,6 +202,16 @@ class Evaluator:
             torch.cuda.empty_cache()
         self.write()
         return row
+
+    def generation(self, base: GenerationConfig, index: int) -> GenerationConfig:
+        """Video ``index``'s decoding: ``base`` (a checkpoint's defaults) with the run's decoding fields and
+        max_new_tokens; with a given seed, seed + index (mod 2**64)."""
+        gen = self.decoding.apply(base)
+        if self.decoding.seed is not None:
+            gen = replace(gen, seed=(self.decoding.seed + index) % (MAX_SEED + 1))
+        if self.max_new_tokens is not None:
+            gen = replace(gen, max_new_tokens=self.max_new_tokens)
+        return gen
 
     def _unique_name(self, name: str, directory: Path) -> str:
         """Display name; "parent/name" when another row already uses the name (two runs' epoch-1)."""
@@ -231,6 +248,7 @@ class Evaluator:
                "decode_seconds": self.frames.decode_s, "capguard_version": version,
                "device": self.device_used or self.device,
                "num_frames": self.num_frames, "max_new_tokens": self.max_new_tokens,
+               "decoding": self.decoding.given(),   # the fields set for the run; {}: each checkpoint's defaults
                "batch_size": self.batch_size, "thresholds": asdict(self.thresholds or GuardThresholds()),
                "thresholds_source": "explicit" if self.thresholds else "defaults + checkpoint guard sections",
                "metrics": metric_notes(self.dataset.lang)}
@@ -309,13 +327,13 @@ def evaluate(checkpoint_dirs: Sequence[str | os.PathLike], videos: str | os.Path
              references: str = "auto", num_frames: int | None = None, batch_size: int = 16,
              limit: int | None = None, device: str = "auto", thresholds: GuardThresholds | None = None,
              max_new_tokens: int | None = None, cache=None, progress_bar: bool = True,
-             frame_loader: FrameLoader | None = None) -> dict:
+             frame_loader: FrameLoader | None = None, decoding: DecodingRequest | None = None) -> dict:
     """Caption every video with every checkpoint, write report.json, captions.jsonl and report.html, and
     return the report.
 
     videos: a manifest, a directory of videos, or a Dataset from load_dataset. progress_callback(done, total)
-    is called after every batch (videos captioned so far, over all checkpoints). num_frames, max_new_tokens:
-    default each checkpoint's own. thresholds: as in ``watch``. frame_loader(path, num_frames, max_side) ->
+    is called after every batch (videos captioned so far, over all checkpoints). num_frames, max_new_tokens,
+    decoding (capguard.models.decoding.DecodingRequest): default each checkpoint's own. thresholds: as in ``watch``. frame_loader(path, num_frames, max_side) ->
     (T, H, W, 3) uint8 replaces in-process decoding (the server decodes in a worker process). Every
     checkpoint's capguard.json is read before any captioning starts, so a typo fails in a second, not
     after an hour.
@@ -327,7 +345,8 @@ def evaluate(checkpoint_dirs: Sequence[str | os.PathLike], videos: str | os.Path
     evaluator = Evaluator(dataset, out_dir, num_frames=num_frames, batch_size=batch_size, device=device,
                           thresholds=thresholds, cache=cache, progress_callback=progress_callback,
                           progress_bar=progress_bar, frame_loader=frame_loader,
-                          expected_checkpoints=len(checkpoint_dirs), max_new_tokens=max_new_tokens)
+                          expected_checkpoints=len(checkpoint_dirs), max_new_tokens=max_new_tokens,
+                          decoding=decoding)
     for i, directory in enumerate(checkpoint_dirs):
         evaluator.add(directory, keep=set().union(*components[i + 1:]))
     return evaluator.write()

@@ -52,6 +52,7 @@ def run_job(directory: Path, parent_pid: int | None = None) -> int:
     try:
         import torch
 
+        from capguard.models.decoding import DecodingRequest
         from capguard.models.evaluate import Evaluator, component_paths, load_dataset
         from capguard.models.video import VideoLimits
         from capguard.server.decode import import_function
@@ -67,6 +68,7 @@ def run_job(directory: Path, parent_pid: int | None = None) -> int:
             return _run_captions(spec, directory, frames, lambda done, total: store.progress(job_id, done, total))
         dataset = load_dataset(spec.dataset, spec.references, spec.limit)   # relative: cwd is datasets_root
         evaluator = Evaluator(dataset, directory, num_frames=spec.num_frames, batch_size=BATCH_SIZE,
+                              max_new_tokens=spec.max_new_tokens, decoding=DecodingRequest(**spec.decoding),
                               device=spec.device, progress_bar=False, frame_loader=frames,
                               expected_checkpoints=len(spec.checkpoints),
                               progress_callback=lambda done, total: store.progress(job_id, done, total))

@@ -72,6 +72,8 @@ class JobSpec:
     references: str = "auto"       # capguard.models.evaluate.load_dataset references
     limit: int | None = None       # first N videos
     num_frames: int | None = None  # None: each checkpoint's own
+    max_new_tokens: int | None = None   # None: each checkpoint's own
+    decoding: dict = dataclasses.field(default_factory=dict)   # capguard.models.decoding.DecodingRequest fields set
     device: str = "auto"           # the server's device setting
     decoder: str = "capguard.models.video:sample_frames"   # the server's decoder setting, "module:function"
     limits: dict = dataclasses.field(default_factory=dict)   # capguard.models.video.VideoLimits fields

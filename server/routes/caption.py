@@ -9,9 +9,11 @@ streams to a temp file (routes/upload.py), ``choose_checkpoint`` applies collaps
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from fastapi import APIRouter, Request
 
+from capguard.models.decoding import MAX_NUM_BEAMS, MAX_SEED, MAX_TEMPERATURE, effective
 from capguard.server.captioning import CaptionJob, choose_checkpoint, decode_video, submit
 from capguard.server.deps import State
 from capguard.server.errors import ApiError
@@ -21,7 +23,9 @@ from capguard.server.schemas import (
     MAX_NUM_FRAMES,
     CaptionOptions,
     CaptionResponse,
+    Decoding,
     DegenerateInfo,
+    Fallback,
     FramesInfo,
     GuardInfo,
     Scores,
@@ -38,6 +42,17 @@ UPLOAD_SCHEMA = {"requestBody": {"required": True, "content": {"multipart/form-d
         "checkpoint": {"type": "string", "description": "checkpoint name (default: the active one)"},
         "num_frames": {"type": "integer", "minimum": 1, "maximum": MAX_NUM_FRAMES},
         "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": MAX_NEW_TOKENS},
+        # decoding (capguard.models.decoding); absent: the checkpoint's defaults
+        "do_sample": {"type": "boolean", "description": "sample instead of greedy/beam search"},
+        "temperature": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_TEMPERATURE,
+                        "description": "needs do_sample=true"},
+        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "description": "needs do_sample=true"},
+        "top_k": {"type": "integer", "minimum": 0, "description": "needs do_sample=true; 0: no limit"},
+        "num_beams": {"type": "integer", "minimum": 1, "maximum": MAX_NUM_BEAMS,
+                      "description": "beam search; not with do_sample=true"},
+        "repetition_penalty": {"type": "number", "exclusiveMinimum": 0},
+        "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED,
+                 "description": "needs do_sample=true; same seed + video + checkpoint -> same caption"},
     }}}}}}
 
 
@@ -53,18 +68,23 @@ async def caption(request: Request, state: State) -> CaptionResponse:
             options = CaptionOptions.from_form(upload.fields)
             if upload.size == 0:
                 raise ApiError(400, "empty_upload", "the 'video' file is empty (0 bytes)")
-            name, stack = await choose_checkpoint(state, options.checkpoint)
-            video = await decode_video(state, str(upload.path), stack, options.num_frames)
+            choice = await choose_checkpoint(state, options.checkpoint)
+            video = await decode_video(state, str(upload.path), choice.stack, options.num_frames)
         finally:
             upload.remove()   # the frames are in memory now
     finally:
         state.preparing -= 1
     decode_ms = round(video.seconds * 1000, 3)
-    result = await submit(state, CaptionJob(name, stack, video.frames, options.max_new_tokens
-                                            or stack.config.generation.max_new_tokens, upload.sha256, decode_ms))
+    name, stack = choice.name, choice.stack
+    gen = options.decoding().apply(stack.config.generation)
+    if options.max_new_tokens is not None:
+        gen = replace(gen, max_new_tokens=options.max_new_tokens)
+    result = await submit(state, CaptionJob(name, stack, video.frames, gen, upload.sha256, decode_ms))
     out = result.output
+    fallback = None if choice.fallback_from is None else Fallback(requested=choice.fallback_from, reason=choice.reason)
     return CaptionResponse(
-        caption=out.caption, checkpoint=name, fingerprint=stack.fingerprint, video_sha256=upload.sha256,
+        caption=out.caption, checkpoint=name, fallback=fallback, decoding=Decoding(**effective(gen)),
+        fingerprint=stack.fingerprint, video_sha256=upload.sha256,
         frames=FramesInfo(count=len(video.indices), indices=video.indices, timestamps_s=video.timestamps_s),
         scores=Scores(siglip=out.score), guard=GuardInfo.model_validate(result.guard.to_dict()),
         degenerate=None if result.degenerate is None else DegenerateInfo(**result.degenerate.to_dict()),

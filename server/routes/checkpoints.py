@@ -7,7 +7,13 @@ from fastapi import APIRouter
 from capguard.models.config import CheckpointConfig, CheckpointError
 from capguard.server.deps import Admin, State
 from capguard.server.errors import ApiError
-from capguard.server.schemas import CheckpointInfo, CheckpointList, GuardInfo, error_responses
+from capguard.server.schemas import (
+    CheckpointInfo,
+    CheckpointList,
+    GuardHistoryInfo,
+    GuardInfo,
+    error_responses,
+)
 from capguard.server.state import AppState
 
 router = APIRouter(tags=["checkpoints"])
@@ -34,15 +40,29 @@ def list_checkpoints(state: State) -> CheckpointList:
     return CheckpointList(checkpoints=[describe(state, name) for name in state.checkpoints.names()])
 
 
-@router.get("/checkpoints/{name:path}/guard", response_model=GuardInfo, responses=error_responses(404))
-def guard(name: str, state: State) -> GuardInfo:
-    """The live guard of a loaded checkpoint: GuardState.to_dict() (status, window figures, rules, modes)."""
+def _loaded_guard(state: AppState, name: str):
+    """The guard of loaded checkpoint `name`; 404 unknown_checkpoint / checkpoint_not_loaded otherwise."""
     state.checkpoints.path(name)   # 404 unknown_checkpoint
     if state.checkpoints.loaded(name) is None:
         raise ApiError(404, "checkpoint_not_loaded", f"checkpoint {name!r} is not loaded, so it has no guard "
                                                      f"yet; it loads on its first caption or on "
                                                      f"POST /checkpoints/{name}/activate")
-    return GuardInfo.model_validate(state.guards.get(name).state().to_dict())
+    return state.guards.get(name)
+
+
+@router.get("/checkpoints/{name:path}/guard", response_model=GuardInfo, responses=error_responses(404))
+def guard(name: str, state: State) -> GuardInfo:
+    """The live guard of a loaded checkpoint: GuardState.to_dict() (status, window figures, rules, modes)."""
+    return GuardInfo.model_validate(_loaded_guard(state, name).state().to_dict())
+
+
+@router.get("/checkpoints/{name:path}/guard/history", response_model=GuardHistoryInfo,
+            responses=error_responses(404))
+def guard_history(name: str, state: State) -> GuardHistoryInfo:
+    """The guard's figures over time (a point every `history_every` captions, the last `history_points`) and
+    the rule lines: what the page's live chart draws. In memory: a restart starts from the restored window."""
+    thresholds = _loaded_guard(state, name).state().thresholds
+    return GuardHistoryInfo.model_validate(state.history.get(name, thresholds))
 
 
 @router.post("/checkpoints/{name:path}/activate", response_model=CheckpointInfo, dependencies=[Admin],

@@ -92,7 +92,8 @@ def describe(job: Job, report: dict | None = None) -> EvaluationJob:
     spec = job.spec
     return EvaluationJob(
         id=job.id, status=job.status, checkpoints=spec.names, dataset=spec.dataset, limit=spec.limit,
-        num_frames=spec.num_frames, references=spec.references,
+        num_frames=spec.num_frames, references=spec.references, max_new_tokens=spec.max_new_tokens,
+        decoding=spec.decoding,
         progress=EvaluationProgress(done=job.done, total=job.total), error=job.error, attempts=job.attempts,
         created_at=_time(job.created_at), started_at=_time(job.started_at), finished_at=_time(job.finished_at),
         links=EvaluationLinks(self=base, report_html=f"{base}/report.html", cancel=f"{base}/cancel"),
@@ -296,7 +297,8 @@ def _create_for_checkpoints(body: EvaluationRequest, state, manager: EvaluationM
     _check_queue(state, manager)
     spec = JobSpec(checkpoints=checkpoints, dataset=PurePosixPath(body.dataset).as_posix(),
                    datasets_root=str(root), references=body.references, limit=body.limit,
-                   num_frames=body.num_frames, device=settings.device, decoder=settings.decoder,
+                   num_frames=body.num_frames, max_new_tokens=body.max_new_tokens,
+                   decoding=body.decoding().given(), device=settings.device, decoder=settings.decoder,
                    limits=dataclasses.asdict(state.limits), threads=settings.evaluation_threads,
                    nice=settings.evaluation_nice)
     return manager.submit(spec, total=len(checkpoints) * len(dataset.items))

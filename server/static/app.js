@@ -1,7 +1,7 @@
 // capguard's page: caption an upload, watch the active checkpoint's guard, list evaluations.
 //
 // It speaks only the JSON API of its own origin (POST /caption, GET /checkpoints,
-// GET /checkpoints/{name}/guard, GET /evaluations). Captions are untrusted (a model wrote them, maybe a
+// GET /checkpoints/{name}/guard, GET /evaluations; chart.js: GET /checkpoints/{name}/guard/history). Captions are untrusted (a model wrote them, maybe a
 // collapsed one), so every string from the server goes into the page as text: el() and textContent,
 // never innerHTML. The server's Content-Security-Policy forbids inline script on top of that.
 "use strict";
@@ -21,6 +21,9 @@ const FIGURES = [
   ["grounding_margin", "grounding margin", null, null],
   ["repeat_probability", "repeat probability", null, null],
   ["siglip_mean", "SigLIP mean", null, null],
+  ["content_unique_ratio", "content-unique ratio", "min_content_unique_ratio", "≥"],
+  ["degenerate_share", "looping share", "max_degenerate_share", "≤"],
+  ["vendi_score", "Vendi score", null, null],
 ];
 
 const $ = (id) => document.getElementById(id);
@@ -153,6 +156,13 @@ function renderResult(body) {
   video.textContent = shortHash(body.video_sha256);
   video.title = String(body.video_sha256 ?? "");
   $("result-siglip").textContent = body.scores ? fixed(body.scores.siglip, 4) : "–";
+  $("result-decoding").textContent = formatDecoding(body.decoding);
+  // under collapse_policy=fallback: the checkpoint asked for and the rules it tripped
+  const fallback = body.fallback && typeof body.fallback === "object" ? body.fallback : null;
+  $("result-fallback").textContent = fallback
+    ? `asked for ${String(fallback.requested)}, collapsed (${(Array.isArray(fallback.reason) ? fallback.reason : []).join(", ")})`
+    : "";
+  $("result-fallback").hidden = $("result-fallback-term").hidden = fallback === null;
 
   const frames = body.frames || {};
   const indices = Array.isArray(frames.indices) ? frames.indices : [];
@@ -176,6 +186,22 @@ function renderResult(body) {
   result.dataset.state = "done";
 }
 
+/** "greedy" / "beam search ×3" / "sampled: temperature 1, top-p 0.9, seed 7" (+ repetition penalty). */
+function formatDecoding(d) {
+  if (!d || typeof d !== "object") return "–";
+  const parts = [];
+  if (d.do_sample) {
+    parts.push(`sampled: temperature ${d.temperature}`);
+    if (isNumber(d.top_p) && d.top_p < 1) parts.push(`top-p ${d.top_p}`);
+    if (isNumber(d.top_k) && d.top_k > 0) parts.push(`top-k ${d.top_k}`);
+    parts.push(`seed ${d.seed}`);
+  } else {
+    parts.push(isNumber(d.num_beams) && d.num_beams > 1 ? `beam search ×${d.num_beams}` : "greedy");
+  }
+  if (isNumber(d.repetition_penalty) && d.repetition_penalty !== 1) parts.push(`repetition penalty ${d.repetition_penalty}`);
+  return parts.join(", ");
+}
+
 function showError(err) {
   $("error-code").textContent = err instanceof ApiError ? `${err.code} (${err.status || "no answer"}):` : "error:";
   $("error-message").textContent = err && err.message ? err.message : String(err);
@@ -197,8 +223,10 @@ async function submitCaption(event) {
     return;
   }
   const form = new FormData();
+  const sample = $("do-sample").checked;   // the sampling fields go only with do_sample (the server's rule)
   const fields = { checkpoint: $("checkpoint").value, num_frames: $("num-frames").value,
-    max_new_tokens: $("max-new-tokens").value };
+    max_new_tokens: $("max-new-tokens").value, do_sample: sample ? "true" : "",
+    temperature: sample ? $("temperature").value : "", seed: sample ? $("seed").value : "" };
   for (const [name, value] of Object.entries(fields)) {
     if (value !== "") form.append(name, value);   // empty = the server's default
   }
@@ -267,6 +295,7 @@ async function refreshLive() {
     if (!active) {
       target.replaceChildren(el("p", { class: "muted", text: "no active checkpoint" }));
     } else {
+      if (window.capguardChart) window.capguardChart.refreshChart(active.name);   // chart.js
       const guard = await activeGuard(active);
       if (guard) renderGuard(target, guard);
       else if (active.guard_status) target.replaceChildren(el("p", {}, [badge(active.guard_status)]));
