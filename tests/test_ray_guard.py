@@ -129,4 +129,4 @@ def test_two_replicas_feed_one_window_and_a_killed_actor_restores_it(tmp_path):
     assert restorable(restored) == restorable(last)
     after = ray.get(a.serve.remote(records(1, 55)), timeout=60)[-1]   # and keeps serving the replicas
     assert after.window_captions == 40 and ray.get(handle.logged.remote()) == 56
-    assert drop_guard_actors() == 1 and guard_actors() == {}
+    assert drop_guard_actors() >= 1 and "demo" not in guard_actors()   # detached: ended explicitly

@@ -64,6 +64,9 @@ def deployment(request, tmp_path_factory):
     assert not started.is_alive(), "the application did not start within 240 s"
     yield serve.get_app_handle(APP_NAME)
     serve.shutdown()
+    from capguard.server.ray_guard import drop_guard_actors
+
+    drop_guard_actors()   # detached: they outlive the application unless ended
 
 
 @ray_test
