@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -216,14 +217,23 @@ def test_loading_a_checkpoint_logs_no_false_warning(projector_stacks, caplog):
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
-def test_validating_a_manifest_loads_no_metric_libraries():
+def test_validating_a_manifest_loads_no_metric_libraries(tmp_path):
     """capguard.json's guard section is checked against models/rules.py, not diversity.py: a training
     script or the CLI that only reads a manifest does not pay for rapidfuzz and sacrebleu."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    manifest = json.loads((Path(root) / "checkpoints" / "collapsed" / "capguard.json").read_text())
+    manifest["guard"] = {"min_unique_ratio": 0.4, "near_dup_threshold": 0.95}   # a section to validate
+    copy = tmp_path / "collapsed"
+    shutil.copytree(Path(root) / "checkpoints" / "collapsed", copy)
+    for part in ("vision", "llm", "scorer"):   # the shared components stay where they are
+        for key in ("path", "tokenizer"):
+            if key in manifest.get(part, {}):
+                manifest[part][key] = str((Path(root) / "checkpoints" / "collapsed" / manifest[part][key]).resolve())
+    (copy / "capguard.json").write_text(json.dumps(manifest))
     code = ("import sys, capguard.models.config as c; "
-            "cfg = c.CheckpointConfig.load('checkpoints/collapsed'); assert cfg.guard, cfg; "
+            f"cfg = c.CheckpointConfig.load({str(copy)!r}); assert cfg.guard, cfg; "
             "bad = [m for m in ('rapidfuzz', 'sacrebleu', 'capguard.models.diversity') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
     assert result.returncode == 0, result.stdout + result.stderr
 
