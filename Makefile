@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: serve test check lint install clean-venv install-vllm test-vllm
+.PHONY: serve test check lint install clean-venv install-vllm test-vllm install-ray test-ray
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,17 @@ check: lint
 
 lint: $(STAMP)
 	$(BIN)/ruff check models server tests bench capguard
+
+# Ray (issue 17) is an optional extra: without it nothing imports ray.
+install-ray: $(STAMP)
+	$(BIN)/pip install --quiet -e ".[ray]"
+
+# The Ray tests run inside a loopback-only network namespace: outside one, Ray advertises the machine's
+# address, listens on every interface and probes cloud metadata and a public DNS server. Root gets a plain
+# network namespace; anyone else one inside a user namespace (unshare -r).
+test-ray: install-ray
+	RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled OMP_NUM_THREADS=1 \
+	unshare -n $$([ "$$(id -u)" -eq 0 ] || echo -r) sh -c 'ip link set lo up && exec $(BIN)/python -m pytest -q -m ray tests/'
 
 clean-venv:
 	rm -rf $(VENV)

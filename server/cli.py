@@ -7,6 +7,7 @@ stack and ``capguard --help`` is instant.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -185,9 +186,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 2
     options = {"num_frames": args.num_frames, "batch_size": args.batch_size, "device": args.device,
                "max_new_tokens": args.max_new_tokens, "decoding": args.decoding}
+    if args.ray and args.watch:
+        print("capguard evaluate: error: --ray sweeps --checkpoints; --watch runs on this machine", file=sys.stderr)
+        return 2
+    if args.actors < 1:
+        print(f"capguard evaluate: error: --actors must be at least 1, got {args.actors}", file=sys.stderr)
+        return 2
+    if args.ray and args.decoding.given():
+        print("capguard evaluate: error: decoding options are not applied by --ray sweeps yet; drop them or --ray",
+              file=sys.stderr)
+        return 2
     _use_engine(args)
     try:
-        if args.watch:
+        if args.ray:
+            if importlib.util.find_spec("ray") is None:
+                print("capguard evaluate: error: --ray needs Ray: pip install 'capguard[ray]' (make install-ray)",
+                      file=sys.stderr)
+                return 2
+            from capguard.models.ray_sweep import sweep
+
+            options.pop("decoding")   # none given (checked above): each checkpoint's own, as the workers use
+            report = sweep(args.checkpoints, dataset, args.out, address=args.ray, actors=args.actors, **options)
+        elif args.watch:
             report = watch(args.watch, dataset, args.out, interval=args.interval, once=args.once,
                            max_checkpoints=args.max_checkpoints, **options)
         else:
@@ -252,6 +272,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                 "DIR, or write one with `capguard init-checkpoint DIR` or `capguard train`")
     if args.host is not None:   # the bind decides whether admin routes may go without a token (server/deps.py)
         settings = settings.model_copy(update={"host": args.host})
+    if args.ray:
+        if importlib.util.find_spec("ray") is None:
+            print("capguard serve: error: --ray needs Ray: pip install 'capguard[ray]' (make install-ray)",
+                  file=sys.stderr)
+            return 2
+        if args.replicas < 1:
+            print(f"capguard serve: error: --replicas must be at least 1, got {args.replicas}", file=sys.stderr)
+            return 2
+        from capguard.server.ray_serve import serve_forever
+
+        return serve_forever(settings, args.ray, args.replicas, settings.host, args.port)
     threads = settings.resolved_torch_threads()
     if threads is not None:
         import torch
@@ -308,6 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--checkpoint", help="checkpoint name under checkpoints_root, or a checkpoint directory "
                                         "(default: CAPGUARD_DEFAULT_CHECKPOINT, else checkpoints/demo)")
+    p.add_argument("--ray", nargs="?", const="auto", metavar="auto|ADDRESS",
+                   help="serve on Ray Serve: model replicas, one guard per checkpoint for all of them "
+                        "(auto: the running cluster, else a local one)")
+    p.add_argument("--replicas", type=int, default=2, help="--ray: model replicas (one GPU each when there are GPUs)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("caption", help="caption videos; one JSON line per video")
@@ -382,6 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=30.0, help="--watch: seconds between polls")
     p.add_argument("--max-checkpoints", type=_at_least(1), help="--watch: stop after N new checkpoints")
     p.add_argument("--once", action="store_true", help="--watch: evaluate what is complete now (two polls), then stop")
+    p.add_argument("--ray", nargs="?", const="auto", metavar="auto|ADDRESS",
+                   help="spread the work over a Ray cluster's actor pool (auto: the running one, else a local one); "
+                        "a rerun resumes from out/sweep.jsonl")
+    p.add_argument("--actors", type=int, default=2, help="--ray: workers in the pool, each holding one loaded stack")
     _add_decoding_arguments(p)
     _engine_argument(p)
     p.set_defaults(func=cmd_evaluate)

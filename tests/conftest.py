@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from ray_local import ray_cluster  # noqa: F401 - one local Ray cluster per session, for the tests marked ray
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
