@@ -33,7 +33,7 @@ import numpy as np
 
 from capguard.models.captions_file import write_captions_file
 from capguard.models.diversity import DiversityReport, diversity_report
-from capguard.models.rules import GuardThresholds, tripped_rules
+from capguard.models.rules import GuardThresholds, explain_rule, tripped_rules
 
 log = logging.getLogger(__name__)
 
@@ -163,16 +163,12 @@ class DiversityMonitor:
         return result
 
     def _reason(self, report: DiversityReport, tripped: list[str], streak: int, epoch, step) -> str:
-        t = self.thresholds
-        figures = {"unique_ratio": f"unique_ratio {report.unique_ratio:.2f} < {t.min_unique_ratio}",
-                   "near_unique_ratio": f"near_unique_ratio {report.near_unique_ratio:.2f} < {t.min_near_unique_ratio}",
-                   "top_mode_share": f"top_mode_share {report.top_mode_share:.2f} > {t.max_top_mode_share}",
-                   "grounding_r1": f"grounding_r1 {report.grounding_r1 or 0.0:.2f} < {t.min_grounding_r1}"}
         when = f"epoch {epoch}" if epoch is not None else f"step {step}"
         top = report.modes[0].representative if report.modes else ""
         return (f"capguard: mode collapse, stopping training: {streak} collapsed evaluation(s) in a row "
                 f"(patience {self.patience}); at {when} {report.unique}/{report.n} captions are distinct and "
-                f"the guard rules {', '.join(tripped)} tripped ({'; '.join(figures[r] for r in tripped)}); "
+                f"the guard rules {', '.join(tripped)} tripped "
+                f"({'; '.join(explain_rule(report, self.thresholds, r) for r in tripped)}); "
                 f"top mode: {top!r}")
 
     def _write(self, captions, scores, epoch, step, index) -> Path:

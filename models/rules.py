@@ -110,5 +110,23 @@ def tripped_rules(report: DiversityReport, thresholds: GuardThresholds) -> list[
     return tripped
 
 
-__all__ = ["CLEAR_AFTER", "MIN_CAPTIONS", "NEAR_DUP_THRESHOLD", "WINDOW", "RULES", "THRESHOLD_NAMES", "GuardThresholds", "check_near_dup_threshold",
+# rule -> (GuardThresholds field, "<" when the figure must stay at or above it, ">" when at or below)
+RULE_LIMITS = {"unique_ratio": ("min_unique_ratio", "<"), "near_unique_ratio": ("min_near_unique_ratio", "<"),
+               "top_mode_share": ("max_top_mode_share", ">"), "grounding_r1": ("min_grounding_r1", "<"),
+               "content_unique_ratio": ("min_content_unique_ratio", "<"),
+               "degenerate_share": ("max_degenerate_share", ">")}
+
+
+def explain_rule(report: DiversityReport, thresholds: GuardThresholds, rule: str) -> str:
+    """One tripped rule in words, for logs and stop messages.
+
+    Example: unique_ratio=0.01 -> "unique_ratio 0.01 < 0.5"; degenerate_share=0.3 -> "degenerate_share 0.30 > 0.1".
+    """
+    field, op = RULE_LIMITS[rule]
+    value = getattr(report, rule)
+    shown = "n/a" if value is None else f"{value:.2f}"
+    return f"{rule} {shown} {op} {getattr(thresholds, field)}"
+
+
+__all__ = ["CLEAR_AFTER", "RULE_LIMITS", "explain_rule", "MIN_CAPTIONS", "NEAR_DUP_THRESHOLD", "WINDOW", "RULES", "THRESHOLD_NAMES", "GuardThresholds", "check_near_dup_threshold",
            "check_threshold_names", "tripped_rules"]
