@@ -586,3 +586,17 @@ def test_ten_thousand_caption_report_is_fast():
     # CPU time, not wall: on a shared 2-core runner wall time mostly measures the neighbours (2.4 s CPU was
     # 17 s wall at load average 8). The bound is loose on purpose; it catches a quadratic Python loop.
     assert cpu < 10.0
+
+
+def test_every_rule_has_a_limit_and_an_explanation():
+    """Stop messages and logs name each tripped rule with its figure and line (a rule added without a limit
+    once made the training monitor raise KeyError instead of stopping)."""
+    from capguard.models.rules import RULE_LIMITS, RULES, GuardThresholds, explain_rule, tripped_rules
+
+    assert set(RULE_LIMITS) == set(RULES)
+    report = diversity_report(["같은 말"] * 10, with_content=False, degenerate=["repeated_ngram"] * 10)
+    tripped = tripped_rules(report, GuardThresholds())
+    assert "degenerate_share" in tripped and "unique_ratio" in tripped
+    assert explain_rule(report, GuardThresholds(), "unique_ratio") == "unique_ratio 0.10 < 0.5"
+    assert explain_rule(report, GuardThresholds(), "degenerate_share") == "degenerate_share 1.00 > 0.1"
+    assert all(explain_rule(report, GuardThresholds(), rule).startswith(rule) for rule in RULES)
