@@ -72,7 +72,8 @@ def _verdict(stack, outputs) -> dict:
 
     import numpy as np
 
-    from capguard.models.diversity import GuardThresholds, diversity_report, tripped_rules
+    from capguard.models.diversity import diversity_report
+    from capguard.models.rules import GuardThresholds, tripped_rules
 
     thresholds = replace(GuardThresholds(), **stack.config.guard)
     grounded = all(o.text_emb is not None for o in outputs)
