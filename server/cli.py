@@ -192,6 +192,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                 "DIR, or write one with `capguard init-checkpoint DIR` or `capguard train`")
     if args.host is not None:   # the bind decides whether admin routes may go without a token (server/deps.py)
         settings = settings.model_copy(update={"host": args.host})
+    if args.engine is not None:   # --engine wins over CAPGUARD_ENGINE; chosen once, for every load of this server
+        settings = settings.model_copy(update={"engine": args.engine})
+    logging.getLogger("capguard.server.cli").info("LLM engine asked: %s", settings.engine)
     threads = settings.resolved_torch_threads()
     if threads is not None:
         import torch
@@ -248,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--checkpoint", help="checkpoint name under checkpoints_root, or a checkpoint directory "
                                         "(default: CAPGUARD_DEFAULT_CHECKPOINT, else checkpoints/demo)")
+    _engine_argument(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("caption", help="caption videos; one JSON line per video")

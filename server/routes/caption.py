@@ -12,7 +12,13 @@ import time
 
 from fastapi import APIRouter, Request
 
-from capguard.server.captioning import CaptionJob, choose_checkpoint, decode_video, submit
+from capguard.server.captioning import (
+    CaptionJob,
+    cancel_on_disconnect,
+    choose_checkpoint,
+    decode_video,
+    submit,
+)
 from capguard.server.deps import State
 from capguard.server.errors import ApiError
 from capguard.server.routes.upload import FILE_FIELD, receive_upload
@@ -59,8 +65,9 @@ async def caption(request: Request, state: State) -> CaptionResponse:
     finally:
         state.preparing -= 1
     decode_ms = round(video.seconds * 1000, 3)
-    result = await submit(state, CaptionJob(name, stack, video.frames, options.max_new_tokens
-                                            or stack.config.generation.max_new_tokens, upload.sha256, decode_ms))
+    job = CaptionJob(name, stack, video.frames, options.max_new_tokens or stack.config.generation.max_new_tokens,
+                     upload.sha256, decode_ms)
+    result = await cancel_on_disconnect(request.receive, submit(state, job))
     out = result.output
     return CaptionResponse(
         caption=out.caption, checkpoint=name, fingerprint=stack.fingerprint, video_sha256=upload.sha256,
