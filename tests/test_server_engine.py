@@ -169,3 +169,22 @@ def test_shutdown_closes_the_engine(server_settings):
 
     with pytest.raises(EngineError, match="closed"):
         engine.check_health()
+
+
+def test_the_model_thread_does_not_idle_while_another_key_waits():
+    """A continuous engine's encode and score steps are two keys: a batch of one starts at once when the other
+    kind is waiting, instead of idling max_wait for company (which would cost every batch 30 ms)."""
+    from capguard.server.batcher import Batcher
+
+    async def main():
+        batcher = Batcher(lambda jobs: jobs, max_batch_size=8, max_wait_s=2, queue_size=4, expect_more=lambda: True)
+        batcher.start()
+        try:
+            encode = asyncio.ensure_future(batcher.submit("encode", "demo"))
+            score = asyncio.ensure_future(batcher.submit("score", ("demo", "score")))
+            first = await asyncio.wait_for(encode, timeout=1)   # no 2 s wait: a score job is queued behind it
+            return first, await asyncio.wait_for(score, timeout=5)   # alone: it may wait for company
+        finally:
+            batcher.stop(timeout_s=0.1)
+
+    assert asyncio.run(main()) == ("encode", "score")
