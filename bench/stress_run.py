@@ -29,6 +29,9 @@ BENCH = REPO / "bench"
 
 ADMIN_TOKEN, METRICS_TOKEN = "stress-admin-token", "stress-metrics-token"
 DECODE_WORKERS = 2                   # decoder processes the server is configured with
+# the server's child processes: its decoders, and with CAPGUARD_ENGINE=vllm one vLLM engine core (the demo
+# checkpoints' LLMs: one core per LLM directory); it must die with the server like the decoders
+CHILDREN = DECODE_WORKERS + (os.environ.get("CAPGUARD_ENGINE", "").strip().lower() == "vllm")
 SERVER_NOFILE = 1024                 # the server's open-file limit: the common default soft limit
 MAX_UPLOAD = 8 * 2**20               # the server's max_upload_bytes in this run
 GUARD_WINDOW, GUARD_MIN = 100, 30    # the server's default guard window and warm-up
@@ -381,18 +384,18 @@ class Run:
                 depth = int(self.metrics().get(("capguard_queue_depth", ()), 0))
             except httpx.TransportError:
                 depth = -1
-            clean = not tmp and len(kids) == DECODE_WORKERS and not zombies and depth == 0
+            clean = not tmp and len(kids) == CHILDREN and not zombies and depth == 0
             if clean or time.monotonic() > deadline:
                 break
             time.sleep(0.25)
         phase.leaked_tmp += len(tmp)
-        phase.leaked_workers += max(0, len(kids) - DECODE_WORKERS) + len(zombies)
+        phase.leaked_workers += max(0, len(kids) - CHILDREN) + len(zombies)
         phase.queue_left += max(0, depth)
         if tmp:
             phase.violate(f"{phase.name}: temp files left in data_dir/tmp: {tmp[:5]}")
-        if len(kids) != DECODE_WORKERS or zombies:
+        if len(kids) != CHILDREN or zombies:
             phase.violate(f"{phase.name}: {len(kids)} decoder processes ({len(zombies)} zombies), "
-                          f"expected {DECODE_WORKERS}")
+                          f"expected {CHILDREN}")
         if depth != 0:
             phase.violate(f"{phase.name}: capguard_queue_depth {depth} once idle")
 
