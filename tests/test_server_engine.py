@@ -188,3 +188,12 @@ def test_the_model_thread_does_not_idle_while_another_key_waits():
             batcher.stop(timeout_s=0.1)
 
     assert asyncio.run(main()) == ("encode", "score")
+
+
+def test_serve_takes_engine_once_at_start_up():
+    from capguard.server.cli import build_parser
+
+    assert build_parser().parse_args(["serve", "--engine", "vllm"]).engine == "vllm"
+    assert build_parser().parse_args(["serve"]).engine is None   # then CAPGUARD_ENGINE (Settings.engine), else auto
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--engine", "tensorrt"])
