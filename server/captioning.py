@@ -251,6 +251,7 @@ def generate(jobs: list[CaptionJob]) -> tuple[list[CaptionOutput], dict[str, flo
     return stack.caption([job.frames for job in jobs], max_new_tokens=[job.max_new_tokens for job in jobs])
 
 
+@torch.inference_mode()   # no autograd graph (and the prompt embeddings' cache applies)
 def encode(jobs: list[CaptionJob]) -> list[Prompt]:
     """A continuous engine's first step for a batch of one stack: each job's (L, D_llm) prompt."""
     stack = jobs[0].stack
