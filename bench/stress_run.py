@@ -170,6 +170,14 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def is_decoder(pid: int) -> bool:
+    """Whether `pid` runs capguard's decoder entry point (server/decode.py's worker_entry), from its command line."""
+    try:
+        return b"capguard.server.decode:worker_entry" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def is_zombie(pid: int) -> bool:
     fields = stat_fields(pid)
     return fields is not None and fields[0] == "Z"

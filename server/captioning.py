@@ -152,7 +152,7 @@ async def submit(state: AppState, job: CaptionJob) -> CaptionResult:
     state.generating += 1
     try:
         prompt = await _queued(state, EncodeJob(job), job.checkpoint)
-        generated, seconds = await generate_one(job, prompt)
+        generated, seconds = await generate_one(state, job, prompt)
         return await _queued(state, ScoreJob(job, prompt, generated, seconds), (job.checkpoint, "score"))
     finally:
         state.generating -= 1
@@ -190,11 +190,12 @@ async def _queued(state: AppState, job, key) -> CaptionResult | Prompt:
         raise unavailable("queue_full", f"the server is at capacity ({exc}); retry shortly") from None
 
 
-async def generate_one(job: CaptionJob, prompt: Prompt) -> tuple[Generated, float]:
+async def generate_one(state: AppState, job: CaptionJob, prompt: Prompt) -> tuple[Generated, float]:
     """One request through a continuous engine, concurrently with every other; (generated, its seconds).
 
     Cancelled (the client went away, the server stops): the request is aborted in the engine, so it stops
-    taking a slot in the running batch. A dead engine answers 503.
+    taking a slot in the running batch. A dead engine answers 503, and its checkpoints reload (a new engine)
+    on their next request.
     """
     engine, request_id = job.stack.engine, f"cap-{uuid.uuid4().hex[:16]}"
     started = time.perf_counter()
@@ -207,6 +208,7 @@ async def generate_one(job: CaptionJob, prompt: Prompt) -> tuple[Generated, floa
         raise
     except EngineError as exc:
         log.error("checkpoint %s: %s", job.checkpoint, exc)
+        state.checkpoints.drop_dead_engines()
         raise unavailable("engine_unavailable", f"the {engine.name} engine cannot serve: {exc}", 30) from None
     return generated, time.perf_counter() - started
 

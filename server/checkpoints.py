@@ -101,6 +101,23 @@ class Checkpoints:
             self.history = [n for n in self.history if n != name] + [name]
         return stack
 
+    def drop_dead_engines(self) -> list[str]:
+        """Forget the loaded checkpoints whose engine has died (a killed vLLM engine core), so the next request
+        reloads them: the load reuses the cached encoder and LLM and starts a new engine (build_engine replaces
+        a dead core), as a crashed decoder is replaced. Returns the names dropped."""
+        dropped = []
+        for name, stack in list(self._stacks.items()):
+            if stack.engine is None:
+                continue
+            try:
+                stack.engine.check_health()
+            except EngineError as exc:
+                log.error("checkpoint %s: its %s engine died (%s); it reloads on the next request", name,
+                          stack.engine.name, exc)
+                del self._stacks[name]
+                dropped.append(name)
+        return dropped
+
     def close(self) -> None:
         """Stop loading; close every engine, and the engine processes the component cache keeps (a vllm engine
         core is a child process: it must not outlive the server)."""

@@ -80,19 +80,6 @@ def test_engine_queue_full_answers_503(client, app, video_files):
     assert answer.headers["retry-after"]
 
 
-def test_readyz_reflects_engine_health(client, app):
-    stack = app.state.capguard.checkpoints.loaded("demo")
-    assert client.get("/readyz").status_code == 200
-    dead = HFEngine(stack.captioner)
-    dead.close()
-    stack.engine, alive = dead, stack.engine
-    try:
-        answer = client.get("/readyz")
-    finally:
-        stack.engine = alive
-    assert answer.status_code == 503 and answer.json()["error"]["code"] == "engine_unavailable"
-
-
 def test_disconnect_aborts_the_request_in_the_engine(client, app, video_files):
     """A client gone while its request waits in the engine: 499, the engine's abort stops it, and it serves on."""
     from capguard.server.captioning import CaptionJob, cancel_on_disconnect, submit
@@ -197,3 +184,23 @@ def test_serve_takes_engine_once_at_start_up():
     assert build_parser().parse_args(["serve"]).engine is None   # then CAPGUARD_ENGINE (Settings.engine), else auto
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--engine", "tensorrt"])
+
+
+def test_a_dead_engine_is_replaced_on_the_next_request(server_settings, video_files):
+    """A killed engine (a vLLM engine core gone): /readyz 503, the checkpoint is dropped, the next request reloads it
+    with a new engine and is served."""
+    from fastapi.testclient import TestClient
+
+    from capguard.server.app import create_app
+
+    app = create_app(server_settings(engine="hf"))
+    with TestClient(app) as c:
+        checkpoints = app.state.capguard.checkpoints
+        dead = checkpoints.loaded("demo").engine
+        dead.close()
+        answer = c.get("/readyz")
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "engine_unavailable"
+        assert checkpoints.loaded("demo") is None
+        assert _post(c, video_files[0]).status_code == 200
+        assert checkpoints.loaded("demo").engine is not dead
+        assert c.get("/readyz").status_code == 200

@@ -31,5 +31,6 @@ async def readyz(state: State) -> Ready:
         try:
             stack.engine.check_health()
         except EngineError as exc:
+            state.checkpoints.drop_dead_engines()   # the next request (or activate) reloads it with a new engine
             raise unavailable("engine_unavailable", f"the {stack.engine.name} engine cannot serve: {exc}", 5) from None
     return Ready(status="ready", checkpoint=name, fingerprint=stack.fingerprint)
