@@ -30,8 +30,9 @@ BENCH = REPO / "bench"
 ADMIN_TOKEN, METRICS_TOKEN = "stress-admin-token", "stress-metrics-token"
 DECODE_WORKERS = 2                   # decoder processes the server is configured with
 # the server's child processes: its decoders, and with CAPGUARD_ENGINE=vllm one vLLM engine core (the demo
-# checkpoints' LLMs: one core per LLM directory); it must die with the server like the decoders
-CHILDREN = DECODE_WORKERS + (os.environ.get("CAPGUARD_ENGINE", "").strip().lower() == "vllm")
+# checkpoints' LLMs: one core per LLM directory) and the resource tracker of its spawn; they must die with the
+# server like the decoders
+CHILDREN = DECODE_WORKERS + 2 * (os.environ.get("CAPGUARD_ENGINE", "").strip().lower() == "vllm")
 SERVER_NOFILE = 1024                 # the server's open-file limit: the common default soft limit
 MAX_UPLOAD = 8 * 2**20               # the server's max_upload_bytes in this run
 GUARD_WINDOW, GUARD_MIN = 100, 30    # the server's default guard window and warm-up
@@ -216,7 +217,7 @@ class Sampler(threading.Thread):
         server = memory_mb(pid)
         kids = children(pid)
         total = server + sum(memory_mb(k) for k in kids)
-        self.worker_peak_mb = max([self.worker_peak_mb, *(memory_mb(k, "VmHWM") for k in kids)])
+        self.worker_peak_mb = max([self.worker_peak_mb, *(memory_mb(k, "VmHWM") for k in kids if is_decoder(k))])
         if phase is not None:
             phase.peak_server_mb = max(phase.peak_server_mb, server)
             phase.peak_total_mb = max(phase.peak_total_mb, total)

@@ -16,6 +16,21 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")           # never reach for a hub (open_clip tokenizers try)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def _die_with_parent() -> None:
+    """In a process that multiprocessing spawned from capguard (a vLLM engine core: spawn re-imports the parent's
+    main module, this one), ask Linux for SIGKILL when the parent dies: a server killed with kill -9 otherwise
+    leaves its engine core running (found by bench/stress.py with CAPGUARD_ENGINE=vllm). Elsewhere a no-op."""
+    if "--multiprocessing-fork" in sys.argv and sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+_die_with_parent()
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CHECKPOINT = REPO_ROOT / "checkpoints" / "demo"
 # capguard.models.projector's types and alias, spelled out so --help does not import torch
