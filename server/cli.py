@@ -21,7 +21,10 @@ def _die_with_parent() -> None:
     """In a process that multiprocessing spawned from capguard (a vLLM engine core: spawn re-imports the parent's
     main module, this one), ask Linux for SIGKILL when the parent dies: a server killed with kill -9 otherwise
     leaves its engine core running (found by bench/stress.py with CAPGUARD_ENGINE=vllm). Elsewhere a no-op."""
-    if "--multiprocessing-fork" in sys.argv and sys.platform.startswith("linux"):
+    import multiprocessing
+
+    # spawn's child sets _inheriting while it re-imports the parent's main module (sys.argv is the parent's by then)
+    if getattr(multiprocessing.current_process(), "_inheriting", False) and sys.platform.startswith("linux"):
         import ctypes
         import signal
 
