@@ -5,6 +5,8 @@
     .venv/bin/python bench/bench_server.py --threads 2            # torch intra-op threads, both sides
     .venv/bin/python bench/bench_server.py --variant guard8=,CAPGUARD_GUARD_RECOMPUTE_EVERY=8 \
         --variant before=/tmp/capguard-before                      # more servers, measured in the same rounds
+    unshare -n sh -c 'ip link set lo up && .venv-vllm/bin/python bench/bench_server.py --engine hf vllm'
+                                                                   # one server per LLM engine, side by side
 
 1. Naive loop, no server: for each video, ``sample_frames`` + ``stack.caption([frames])`` (encode,
    projector, generate, score) one at a time, in a worker thread as the server's model work is: on
@@ -15,6 +17,8 @@
    N client threads at once, for each N of ``--concurrency``.
    ``--variant`` adds servers from other source trees (e.g. ``git archive OLD | tar -x -C DIR``)
    and/or with other ``CAPGUARD_*`` settings, each on its own port, measured in the same rounds.
+   ``--engine hf vllm`` replaces the one server with one per engine (``CAPGUARD_ENGINE``), rows
+   ``hf cN`` and ``vllm cN``; the naive loop stays HF's (engine hf), whatever the environment says.
 3. Rounds: naive, then each concurrency, repeated ``--rounds`` times, so a change in the machine's
    load hits all of them alike; the table shows each run's median (and range) over the rounds.
 4. The model's own ceiling: ``stack.caption`` alone on decoded frames at batch 1, 4 and 8 (ms per
@@ -156,7 +160,7 @@ def naive_runner(checkpoint: Path, device: str) -> tuple[Callable[..., Run],
     from capguard.models.video import sample_frames
 
     thread = ThreadPoolExecutor(1, thread_name_prefix="naive")
-    stack = thread.submit(load_stack, checkpoint, device).result()
+    stack = thread.submit(load_stack, checkpoint, device, engine="hf").result()   # the naive loop is HF's
 
     def one(path: Path) -> str:
         frames = sample_frames(path, stack.config.num_frames, max_side=stack.frame_side).frames
@@ -320,6 +324,9 @@ def main() -> None:
     parser.add_argument("--variant", type=parse_variant, action="append", default=[],
                         metavar="LABEL=[TREE][,KEY=VALUE...]", help="another server measured in the same rounds: "
                         "another source tree (e.g. a git worktree of an older commit) and/or CAPGUARD_* settings")
+    parser.add_argument("--engine", nargs="+", choices=["auto", "hf", "vllm"], default=None,
+                        help="one server per LLM engine (CAPGUARD_ENGINE), side by side in the same rounds; run "
+                        "with the venv that has vLLM (.venv-vllm) for vllm")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -332,9 +339,12 @@ def main() -> None:
           f"torch threads {args.threads}; device {args.device}; {os.cpu_count()} CPUs; "
           f"load average {os.getloadavg()[0]:.2f}")
 
-    variants = [Variant("server"), *args.variant]
-    for v in variants[1:]:
-        print(f"variant {v.label}: tree {v.tree}, environment {v.env or '-'}")
+    servers_ = ([Variant(e, REPO, {"CAPGUARD_ENGINE": e}) for e in dict.fromkeys(args.engine)] if args.engine
+                else [Variant("server")])
+    variants = [*servers_, *args.variant]
+    for v in variants:
+        if v.label != "server":
+            print(f"variant {v.label}: tree {v.tree}, environment {v.env or '-'}")
     naive, model_ms = naive_runner(args.checkpoint, args.device)
     naive(paths[:2])   # warm-up
     naive_extra = {f"naive t{t}": t for t in args.naive_threads if t != args.threads}
@@ -383,7 +393,7 @@ def main() -> None:
             prefix = "" if v.label == "server" else f"{v.label} "
             print(f"{prefix}throughput / fastest naive loop ({best}): " + "   ".join(
                 f"c{c} {results[f'{v.label} c{c}'].median_rate(n) / best_rate:.2f}x" for c in args.concurrency))
-    if 1 in args.concurrency and 8 in args.concurrency:
+    if 1 in args.concurrency and 8 in args.concurrency and "server c1" in results:
         print(f"c8 / c1: {results['server c8'].median_rate(n) / results['server c1'].median_rate(n):.2f}x")
     ceiling = {b: model_ms(paths[:min(n, 24)], b) for b in (1, 4, 8) if b <= n}
     print("model thread alone (stack.caption on decoded frames), ms per video: " + ", ".join(

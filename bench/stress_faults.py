@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from fault_decoder import ABORT, HANG, SEGFAULT
 from stress_inputs import make_clips
-from stress_run import GUARD_MIN, GUARD_WINDOW, Answer, Run, children, is_zombie, stat_fields
+from stress_run import GUARD_MIN, GUARD_WINDOW, Answer, Run, children, is_decoder, is_zombie, stat_fields
 from stress_sockets import connect, multipart, request_head
 
 # ------------------------------------------------------------------------------------------- faults
@@ -52,7 +52,8 @@ def phase_faults(run: Run) -> None:
             time.sleep(0.05)   # the upload is stored: its decode is starting
         time.sleep(0.5)
         for pid in children(server.pid):
-            os.kill(pid, signal.SIGKILL)
+            if is_decoder(pid):   # not a vLLM engine core (CAPGUARD_ENGINE=vllm): this step is about decoders
+                os.kill(pid, signal.SIGKILL)
         answer = hanging.result()
     phase.count(answer)
     phase.figures["killed mid-decode answered after s"] = f"{answer.seconds:.1f}"

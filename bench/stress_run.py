@@ -29,6 +29,10 @@ BENCH = REPO / "bench"
 
 ADMIN_TOKEN, METRICS_TOKEN = "stress-admin-token", "stress-metrics-token"
 DECODE_WORKERS = 2                   # decoder processes the server is configured with
+# the server's child processes: its decoders, and with CAPGUARD_ENGINE=vllm one vLLM engine core (the demo
+# checkpoints' LLMs: one core per LLM directory) and the resource tracker of its spawn; they must die with the
+# server like the decoders
+CHILDREN = DECODE_WORKERS + 2 * (os.environ.get("CAPGUARD_ENGINE", "").strip().lower() == "vllm")
 SERVER_NOFILE = 1024                 # the server's open-file limit: the common default soft limit
 MAX_UPLOAD = 8 * 2**20               # the server's max_upload_bytes in this run
 GUARD_WINDOW, GUARD_MIN = 100, 30    # the server's default guard window and warm-up
@@ -167,6 +171,14 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def is_decoder(pid: int) -> bool:
+    """Whether `pid` runs capguard's decoder entry point (server/decode.py's worker_entry), from its command line."""
+    try:
+        return b"capguard.server.decode:worker_entry" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def is_zombie(pid: int) -> bool:
     fields = stat_fields(pid)
     return fields is not None and fields[0] == "Z"
@@ -205,7 +217,7 @@ class Sampler(threading.Thread):
         server = memory_mb(pid)
         kids = children(pid)
         total = server + sum(memory_mb(k) for k in kids)
-        self.worker_peak_mb = max([self.worker_peak_mb, *(memory_mb(k, "VmHWM") for k in kids)])
+        self.worker_peak_mb = max([self.worker_peak_mb, *(memory_mb(k, "VmHWM") for k in kids if is_decoder(k))])
         if phase is not None:
             phase.peak_server_mb = max(phase.peak_server_mb, server)
             phase.peak_total_mb = max(phase.peak_total_mb, total)
@@ -381,18 +393,18 @@ class Run:
                 depth = int(self.metrics().get(("capguard_queue_depth", ()), 0))
             except httpx.TransportError:
                 depth = -1
-            clean = not tmp and len(kids) == DECODE_WORKERS and not zombies and depth == 0
+            clean = not tmp and len(kids) == CHILDREN and not zombies and depth == 0
             if clean or time.monotonic() > deadline:
                 break
             time.sleep(0.25)
         phase.leaked_tmp += len(tmp)
-        phase.leaked_workers += max(0, len(kids) - DECODE_WORKERS) + len(zombies)
+        phase.leaked_workers += max(0, len(kids) - CHILDREN) + len(zombies)
         phase.queue_left += max(0, depth)
         if tmp:
             phase.violate(f"{phase.name}: temp files left in data_dir/tmp: {tmp[:5]}")
-        if len(kids) != DECODE_WORKERS or zombies:
+        if len(kids) != CHILDREN or zombies:
             phase.violate(f"{phase.name}: {len(kids)} decoder processes ({len(zombies)} zombies), "
-                          f"expected {DECODE_WORKERS}")
+                          f"expected {CHILDREN}")
         if depth != 0:
             phase.violate(f"{phase.name}: capguard_queue_depth {depth} once idle")
 

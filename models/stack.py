@@ -163,6 +163,28 @@ class CaptionStack:
         return preprocess(frames).to(self.dtype)                                   # (sum T, 3, S, S)
 
     @torch.inference_mode()
+    def encode(self, videos: list[np.ndarray], score: bool = True) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Encode and project a batch of (T_i, H, W, 3) videos: ([(Q_i, D_llm)] visual token blocks, (sum T, E)
+        pooled frame features when the scorer shares the captioner's tower and ``score``, else None)."""
+        counts = [int(v.shape[0]) for v in videos]
+        want_pooled = score and self.scorer is not None and self.scorer_preprocess is None
+        pixels = self.pixels(videos, self.captioner.encoder.preprocess)
+        blocks = self.captioner.visual_tokens(pixels, counts, pooled=want_pooled)
+        blocks, image_emb = blocks if want_pooled else (blocks, None)
+        return self.captioner.project(blocks), image_emb
+
+    @torch.inference_mode()
+    def score(self, videos: list[np.ndarray], texts: list[str], image_emb: torch.Tensor | None = None):
+        """Scorer figures of caption i against video i: (scores [B], text_emb (B, E), video_emb (B, E)) as a list
+        and numpy arrays; ``image_emb`` (sum T, E) from ``encode`` saves the scorer its own image pass."""
+        if image_emb is None:
+            image_emb = self.scorer.image_features(self.pixels(videos, self.scorer_preprocess))
+        video_emb = self.scorer.video_embeddings(image_emb, [int(v.shape[0]) for v in videos])
+        text_emb = self.scorer.text_embeddings(texts)
+        scores = self.scorer.scores(text_emb, video_emb).cpu().tolist()
+        return scores, text_emb.cpu().numpy(), video_emb.cpu().numpy()
+
+    @torch.inference_mode()
     def caption(self, videos: list[np.ndarray], max_new_tokens: list[int] | None = None,
                 generation: GenerationConfig | list[GenerationConfig] | None = None, score: bool = True):
         """Caption a batch of videos given as (T, H, W, 3) uint8 frame arrays.
@@ -173,31 +195,24 @@ class CaptionStack:
         whole batch. Frame counts and frame sizes may differ between videos.
         """
         gen = generation or self.config.generation
-        counts = [int(v.shape[0]) for v in videos]
-        want_pooled = score and self.scorer is not None and self.scorer_preprocess is None
         t0 = time.perf_counter()
-        pixels = self.pixels(videos, self.captioner.encoder.preprocess)
-        blocks = self.captioner.visual_tokens(pixels, counts, pooled=want_pooled)
-        blocks, image_emb = blocks if want_pooled else (blocks, None)
-        visual = self.captioner.project(blocks)
+        visual, image_emb = self.encode(videos, score)
         t1 = time.perf_counter()
         generated = (self.engine or self.captioner).generate(visual, gen, max_new_tokens)
         t2 = time.perf_counter()
-        scores = text_emb = video_emb = None
-        if score and self.scorer is not None:
-            if image_emb is None:
-                image_emb = self.scorer.image_features(self.pixels(videos, self.scorer_preprocess))
-            video_emb = self.scorer.video_embeddings(image_emb, counts)
-            text_emb = self.scorer.text_embeddings([g.text for g in generated])
-            scores = self.scorer.scores(text_emb, video_emb).cpu().tolist()
-            text_emb, video_emb = text_emb.cpu().numpy(), video_emb.cpu().numpy()
+        scored = self.score(videos, [g.text for g in generated], image_emb) if score and self.scorer else None
         t3 = time.perf_counter()
-        outputs = [CaptionOutput(g.text, g.token_ids,
-                                 None if scores is None else float(scores[i]),
-                                 None if text_emb is None else text_emb[i],
-                                 None if video_emb is None else video_emb[i])
-                   for i, g in enumerate(generated)]
-        return outputs, {"encode": t1 - t0, "generate": t2 - t1, "score": t3 - t2}
+        return outputs(generated, scored), {"encode": t1 - t0, "generate": t2 - t1, "score": t3 - t2}
+
+
+def outputs(generated: list, scored: tuple | None) -> list[CaptionOutput]:
+    """CaptionOutputs from an engine's Generated rows and ``CaptionStack.score``'s figures (None: no scorer)."""
+    scores, text_emb, video_emb = scored if scored is not None else (None, None, None)
+    return [CaptionOutput(g.text, g.token_ids,
+                          None if scores is None else float(scores[i]),
+                          None if text_emb is None else text_emb[i],
+                          None if video_emb is None else video_emb[i])
+            for i, g in enumerate(generated)]
 
 
 def compile_llm(stack: CaptionStack) -> float:

@@ -6,8 +6,8 @@
 
 A model thread takes the oldest waiting job, then keeps collecting jobs with the same key
 (checkpoint) until the batch is full, ``max_wait_s`` has passed since it started waiting, or nothing
-is queued and ``expect_more()`` says no more is coming; jobs for other keys wait for a later batch,
-in order. ``run_batch(jobs) -> results`` (one per job, same
+is queued and ``expect_more()`` says no more is coming (or a job of another key is waiting: the thread
+does not idle while there is work); jobs for other keys wait for a later batch, in order. ``run_batch(jobs) -> results`` (one per job, same
 order) runs on that thread, never on the event loop; its exception fails every job of the batch.
 A full queue raises ``QueueFull`` at once, so overload answers 503 instead of piling up.
 
@@ -155,7 +155,9 @@ class Batcher:
                 held_before -= 1
                 item = self._held.popleft()
             else:
-                wait = deadline - time.perf_counter() if self.expect_more() else 0.0
+                # jobs of another key already wait (a continuous engine's encode and score steps alternate):
+                # idling for company would idle the model thread, so take only what is queued now
+                wait = deadline - time.perf_counter() if self.expect_more() and not skipped else 0.0
                 try:
                     item = self._next(wait)
                 except _Stop:

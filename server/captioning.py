@@ -12,20 +12,35 @@ options, capguard.models.sampling), ``log`` (one committed write to the caption 
 ``record`` (the metrics). ``generate`` is the
 only step that touches the model: swapping how batches are generated changes that function alone.
 The answer leaves only after its caption is committed.
+
+An engine that batches continuously (``engine.continuous``: vllm) splits ``generate`` in three, like
+vLLM's API server in front of its EngineClient: the model thread encodes and projects a batch
+(``EncodeJob`` -> ``Prompt``), then each request awaits ``engine.generate_one`` on its own, entering the
+engine's running batch the moment its prompt is ready and leaving it the step it finishes; the
+finished ones meet again on the model thread (``ScoreJob``) to be scored, logged, observed and recorded
+together. A client that goes away cancels its request in the engine (``engine.abort``). The hf engine
+keeps the one-step path: its static batches are fastest whole.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
-from typing import TYPE_CHECKING
+import time
+import uuid
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
+import torch
 
+from capguard.models.captioner import Generated
 from capguard.models.config import GenerationConfig
 from capguard.models.decoding import effective
 from capguard.models.degenerate import Degeneration, degeneration
-from capguard.models.stack import CaptionOutput, CaptionStack
+from capguard.models.engines import EngineError
+from capguard.models.stack import CaptionOutput, CaptionStack, outputs
 from capguard.server.batcher import QueueFull
 from capguard.server.decode import DecodedVideo, DecodeFailed
 from capguard.server.errors import ApiError, unavailable, video_error
@@ -37,6 +52,7 @@ if TYPE_CHECKING:   # server/state.py builds the batcher around run_batch, so it
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 COLLAPSED_RETRY_AFTER_S = 300   # a rejected collapsed checkpoint stays so until someone activates another
 
 
@@ -57,8 +73,30 @@ class CaptionJob:
 class CaptionResult:
     output: CaptionOutput        # caption, tokens, score, embeddings
     guard: GuardState            # the verdict right after this caption was observed
-    stages_ms: dict[str, float]  # encode/generate/score of the whole batch this video was in
+    stages_ms: dict[str, float]  # encode/score of the batch this video was in; generate: its batch's, or its own
     degenerate: Degeneration | None = None   # the caption loops or hit max_new_tokens (models/degenerate.py)
+
+
+@dataclasses.dataclass
+class EncodeJob:
+    """A continuous engine's first model step: encode and project one video (batched with others)."""
+    job: CaptionJob
+
+
+@dataclasses.dataclass
+class Prompt:
+    embeds: torch.Tensor               # (L, D_llm) = [prompt prefix | visual tokens | prompt suffix]
+    image_emb: torch.Tensor | None     # (T, E) pooled frame features for the scorer (None: it has its own tower)
+    encode_s: float                    # the encode batch's seconds
+
+
+@dataclasses.dataclass
+class ScoreJob:
+    """A continuous engine's last model step: score, log, observe and record one finished caption."""
+    job: CaptionJob
+    prompt: Prompt
+    generated: Generated
+    generate_s: float                  # this request's own time in the engine
 
 
 # -- on the event loop ---------------------------------------------------------------------------------
@@ -127,30 +165,111 @@ async def submit(state: AppState, job: CaptionJob) -> CaptionResult:
     One batch = one checkpoint, whatever the frame sizes (stack.caption resizes a batch of mixed sizes
     video by video: a 4:3 and a 16:9 upload in one batch once failed both with a 500).
     """
+    engine = job.stack.engine
+    if engine is None or not engine.continuous:
+        return await _queued(state, job, job.checkpoint)
+    if state.generating >= state.settings.queue_size:   # backpressure: requests in the engine are bounded too
+        raise unavailable("queue_full", f"the server is at capacity ({state.generating} requests are in the "
+                                        f"{engine.name} engine); retry shortly")
+    state.generating += 1
     try:
-        return await state.batcher.submit(job, key=job.checkpoint)
+        prompt = await _queued(state, EncodeJob(job), job.checkpoint)
+        generated, seconds = await generate_one(state, job, prompt)
+        return await _queued(state, ScoreJob(job, prompt, generated, seconds), (job.checkpoint, "score"))
+    finally:
+        state.generating -= 1
+
+
+async def cancel_on_disconnect(receive, work: Awaitable[T]) -> T:
+    """Await ``work`` unless the client goes away first: then cancel it (a continuous engine aborts the request,
+    so a client that gave up holds no slot in the running batch) and answer 499 client_closed_request.
+
+    ``receive`` is the request's ASGI receive: once the body is read, its next message is http.disconnect.
+    """
+    task = asyncio.ensure_future(work)
+
+    async def gone() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)   # the abort runs before we answer
+        raise ApiError(499, "client_closed_request", "the client closed the connection before the caption was ready")
+    finally:
+        watcher.cancel()
+        task.cancel()   # a no-op once done; when this route itself is cancelled (shutdown), so is the work
+
+
+async def _queued(state: AppState, job, key) -> CaptionResult | Prompt:
+    try:
+        return await state.batcher.submit(job, key=key)
     except QueueFull as exc:
         raise unavailable("queue_full", f"the server is at capacity ({exc}); retry shortly") from None
+
+
+async def generate_one(state: AppState, job: CaptionJob, prompt: Prompt) -> tuple[Generated, float]:
+    """One request through a continuous engine, concurrently with every other; (generated, its seconds).
+
+    Cancelled (the client went away, the server stops): the request is aborted in the engine, so it stops
+    taking a slot in the running batch. A dead engine answers 503, and its checkpoints reload (a new engine)
+    on their next request.
+    """
+    engine, request_id = job.stack.engine, f"cap-{uuid.uuid4().hex[:16]}"
+    started = time.perf_counter()
+    try:
+        generated = await engine.generate_one(prompt.embeds, job.generation, request_id,
+                                              job.generation.max_new_tokens)
+    except asyncio.CancelledError:
+        log.info("request %s cancelled (client gone?): aborting it in the %s engine", request_id, engine.name)
+        await asyncio.shield(engine.abort(request_id))
+        raise
+    except EngineError as exc:
+        log.error("checkpoint %s: %s", job.checkpoint, exc)
+        state.checkpoints.drop_dead_engines()
+        raise unavailable("engine_unavailable", f"the {engine.name} engine cannot serve: {exc}", 30) from None
+    return generated, time.perf_counter() - started
 
 
 # -- on the model thread -------------------------------------------------------------------------------
 
 
-def run_batch(state: AppState, jobs: list[CaptionJob]) -> list[CaptionResult]:
-    """Caption one batch (same checkpoint) on the model thread; commit to the log; feed the guard."""
-    outputs, stages = generate(jobs)
-    stages_ms = {stage: round(seconds * 1000, 3) for stage, seconds in stages.items()}
-    log_captions(state, jobs, outputs, stages_ms)
+def run_batch(state: AppState, jobs: list) -> list:
+    """One batch (same checkpoint, same kind of job) on the model thread: a whole CaptionJob batch is captioned,
+    committed to the log and fed to the guard; a continuous engine's EncodeJobs and ScoreJobs do either end."""
+    if isinstance(jobs[0], EncodeJob):
+        prompts = encode([e.job for e in jobs])
+        state.metrics.stage_seconds.labels("encode").observe(prompts[0].encode_s)
+        return prompts
+    if isinstance(jobs[0], ScoreJob):
+        outs, seconds = score(jobs)
+        stages = [{"encode": j.prompt.encode_s, "generate": j.generate_s, "score": seconds} for j in jobs]
+        for j in jobs:
+            state.metrics.stage_seconds.labels("generate").observe(j.generate_s)   # per request: no batch here
+        return finish(state, [j.job for j in jobs], outs, stages, {"score": seconds})
+    outs, stages = generate(jobs)
+    return finish(state, jobs, outs, [stages] * len(jobs), stages)
+
+
+def finish(state: AppState, jobs: list[CaptionJob], outs: list[CaptionOutput], stages: list[dict[str, float]],
+           batch_stages: dict[str, float]) -> list[CaptionResult]:
+    """Commit, observe and record a batch of captions; ``stages`` per job, ``batch_stages`` observed once."""
+    stages_ms = [{stage: round(seconds * 1000, 3) for stage, seconds in st.items()} for st in stages]
+    log_captions(state, jobs, outs, stages_ms)
     guard = state.guards.get(jobs[0].checkpoint)
     loops = [degeneration(out.caption, out.num_tokens, job.generation.max_new_tokens)
-             for job, out in zip(jobs, outputs, strict=True)]
-    states = [observe(guard, job, out, loop) for job, out, loop in zip(jobs, outputs, loops, strict=True)]
-    record(state, jobs[0].checkpoint, outputs, states, stages)
+             for job, out in zip(jobs, outs, strict=True)]
+    states = [observe(guard, job, out, loop) for job, out, loop in zip(jobs, outs, loops, strict=True)]
+    record(state, jobs[0].checkpoint, outs, states, batch_stages)
     for loop in loops:
         if loop is not None:
             state.metrics.degenerate.labels(jobs[0].checkpoint, loop.kind).inc()
-    return [CaptionResult(out, guard_state, stages_ms, loop)
-            for out, guard_state, loop in zip(outputs, states, loops, strict=True)]
+    return [CaptionResult(out, guard_state, ms, loop)
+            for out, guard_state, ms, loop in zip(outs, states, stages_ms, loops, strict=True)]
 
 
 def generate(jobs: list[CaptionJob]) -> tuple[list[CaptionOutput], dict[str, float]]:
@@ -162,15 +281,40 @@ def generate(jobs: list[CaptionJob]) -> tuple[list[CaptionOutput], dict[str, flo
     return stack.caption([job.frames for job in jobs], generation=[job.generation for job in jobs])
 
 
+@torch.inference_mode()   # no autograd graph (and the prompt embeddings' cache applies)
+def encode(jobs: list[CaptionJob]) -> list[Prompt]:
+    """A continuous engine's first step for a batch of one stack: each job's (L, D_llm) prompt."""
+    stack = jobs[0].stack
+    started = time.perf_counter()
+    visual, image_emb = stack.encode([job.frames for job in jobs])
+    embeds = [stack.captioner.sequence(v) for v in visual]                        # (L_i, D_llm) each
+    per_video = (torch.split(image_emb, [len(job.frames) for job in jobs]) if image_emb is not None
+                 else [None] * len(jobs))                                         # (T_i, E) each
+    seconds = time.perf_counter() - started
+    return [Prompt(e, im, seconds) for e, im in zip(embeds, per_video, strict=True)]
+
+
+def score(jobs: list[ScoreJob]) -> tuple[list[CaptionOutput], float]:
+    """A continuous engine's last model step: score a batch of finished captions of one stack; (outputs, seconds)."""
+    stack, started = jobs[0].job.stack, time.perf_counter()
+    generated = [j.generated for j in jobs]
+    scored = None
+    if stack.scorer is not None:
+        pooled = [j.prompt.image_emb for j in jobs]
+        image_emb = torch.cat(pooled) if all(p is not None for p in pooled) else None   # (sum T, E)
+        scored = stack.score([j.job.frames for j in jobs], [g.text for g in generated], image_emb)
+    return outputs(generated, scored), time.perf_counter() - started
+
+
 def log_captions(state: AppState, jobs: list[CaptionJob], outputs: list[CaptionOutput],
-                 stages_ms: dict[str, float]) -> None:
+                 stages_ms: list[dict[str, float]]) -> None:
     """One committed transaction for the batch: a caption is answered only once it is in the log."""
     state.storage.append([
         CaptionRecord(checkpoint=job.checkpoint, fingerprint=job.stack.fingerprint, video_sha256=job.video_sha256,
                       caption=out.caption, num_tokens=out.num_tokens, siglip=out.score, text_emb=out.text_emb,
-                      video_emb=out.video_emb, timings_ms={"decode": job.decode_ms, **stages_ms, "batch": len(jobs)},
+                      video_emb=out.video_emb, timings_ms={"decode": job.decode_ms, **ms, "batch": len(jobs)},
                       decoding=effective(job.generation) | {"max_new_tokens": job.generation.max_new_tokens})
-        for job, out in zip(jobs, outputs, strict=True)])
+        for job, out, ms in zip(jobs, outputs, stages_ms, strict=True)])
 
 
 def observe(guard: Guard, job: CaptionJob, out: CaptionOutput, loop: Degeneration | None = None) -> GuardState:

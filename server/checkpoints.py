@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from capguard.models.config import MANIFEST_NAME, CheckpointError
+from capguard.models.engines import EngineError
 from capguard.models.stack import CaptionStack, ComponentCache, compile_llm, load_stack
 from capguard.server.errors import ApiError
 
@@ -30,7 +31,8 @@ CHECKPOINT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}(/[A-Za-z0-9_-][
 
 class Checkpoints:
     def __init__(self, root: Path, default: str, device: str,
-                 on_load: Callable[[str, CaptionStack], None] = lambda name, stack: None, compile: bool = False):
+                 on_load: Callable[[str, CaptionStack], None] = lambda name, stack: None, compile: bool = False,
+                 engine: str = "auto"):
         self.root = Path(root).resolve()
         self.default = default
         self.active = default
@@ -38,6 +40,7 @@ class Checkpoints:
         self.device = device
         self.on_load = on_load            # runs on the loader thread after a load (guard restore, gauges)
         self.compile = compile            # capguard.models.stack.compile_llm on each load (settings.compile)
+        self.engine = engine              # auto | hf | vllm (settings.engine): resolved per LLM at load
         self.cache = ComponentCache()
         self._stacks: dict[str, CaptionStack] = {}
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capguard-load")
@@ -72,10 +75,10 @@ class Checkpoints:
             return self._stacks[name]
         path = self.path(name)
         try:
-            stack = load_stack(path, device=self.device, cache=self.cache, name=name)
+            stack = load_stack(path, device=self.device, cache=self.cache, name=name, engine=self.engine)
             if self.compile:
                 compile_llm(stack)
-        except (CheckpointError, OSError) as exc:
+        except (CheckpointError, EngineError, OSError) as exc:
             log.error("checkpoint %s failed to load: %s", name, exc)
             raise ApiError(422, "checkpoint_error", f"checkpoint {name!r} cannot be loaded: {exc}") from exc
         self.on_load(name, stack)
@@ -98,5 +101,31 @@ class Checkpoints:
             self.history = [n for n in self.history if n != name] + [name]
         return stack
 
+    def drop_dead_engines(self) -> list[str]:
+        """Forget the loaded checkpoints whose engine has died (a killed vLLM engine core), so the next request
+        reloads them: the load reuses the cached encoder and LLM and starts a new engine (build_engine replaces
+        a dead core), as a crashed decoder is replaced. Returns the names dropped."""
+        dropped = []
+        for name, stack in list(self._stacks.items()):
+            if stack.engine is None:
+                continue
+            try:
+                stack.engine.check_health()
+            except EngineError as exc:
+                log.error("checkpoint %s: its %s engine died (%s); it reloads on the next request", name,
+                          stack.engine.name, exc)
+                del self._stacks[name]
+                dropped.append(name)
+        return dropped
+
     def close(self) -> None:
+        """Stop loading; close every engine, and the engine processes the component cache keeps (a vllm engine
+        core is a child process: it must not outlive the server)."""
         self._loader.shutdown(wait=False, cancel_futures=True)
+        for stack in self._stacks.values():
+            if stack.engine is not None:
+                stack.engine.close()
+        for key, value in list(self.cache.llms.items()):
+            if callable(getattr(value, "close", None)):   # a VLLMCore (LLM entries are (model, tokenizer) tuples)
+                value.close()
+                del self.cache.llms[key]

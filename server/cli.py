@@ -17,6 +17,24 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")           # never reach for a hub (open_clip tokenizers try)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def _die_with_parent() -> None:
+    """In a process that multiprocessing spawned from capguard (a vLLM engine core: spawn re-imports the parent's
+    main module, this one), ask Linux for SIGKILL when the parent dies: a server killed with kill -9 otherwise
+    leaves its engine core running (found by bench/stress.py with CAPGUARD_ENGINE=vllm). Elsewhere a no-op."""
+    import multiprocessing
+
+    # spawn's child sets _inheriting while it re-imports the parent's main module (sys.argv is the parent's by then)
+    if getattr(multiprocessing.current_process(), "_inheriting", False) and sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+_die_with_parent()
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CHECKPOINT = REPO_ROOT / "checkpoints" / "demo"
 # capguard.models.projector's types and alias, spelled out so --help does not import torch
@@ -272,6 +290,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                 "DIR, or write one with `capguard init-checkpoint DIR` or `capguard train`")
     if args.host is not None:   # the bind decides whether admin routes may go without a token (server/deps.py)
         settings = settings.model_copy(update={"host": args.host})
+    if args.engine is not None:   # --engine wins over CAPGUARD_ENGINE; chosen once, for every load of this server
+        settings = settings.model_copy(update={"engine": args.engine})
+    logging.getLogger("capguard.server.cli").info("LLM engine asked: %s", settings.engine)
     if args.ray:
         if importlib.util.find_spec("ray") is None:
             print("capguard serve: error: --ray needs Ray: pip install 'capguard[ray]' (make install-ray)",
@@ -343,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve on Ray Serve: model replicas, one guard per checkpoint for all of them "
                         "(auto: the running cluster, else a local one)")
     p.add_argument("--replicas", type=int, default=2, help="--ray: model replicas (one GPU each when there are GPUs)")
+    _engine_argument(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("caption", help="caption videos; one JSON line per video")

@@ -27,6 +27,7 @@
 | capguard_decoder_restarts_total             | counter   | reason           | decoder processes replaced        |
 | capguard_evaluation_jobs                    | gauge     | status           | evaluation jobs per status        |
 | capguard_evaluation_diversity               | gauge     | checkpoint       | last finished report's diversity |
+| capguard_engine_info                        | gauge     | checkpoint, engine, version | 1 per loaded checkpoint: its LLM engine |
 
 Window gauges with no value yet (e.g. grounding without a scorer) read NaN, which no alert
 comparison matches.
@@ -96,6 +97,10 @@ class Metrics:
                                         ["reason"], registry=r)
         self.evaluation_jobs = Gauge("capguard_evaluation_jobs", "Evaluation jobs per status", ["status"],
                                      registry=r)
+        # an info metric (value 1): which LLM engine serves each loaded checkpoint, and the engine library's version
+        self.engine_info = Gauge("capguard_engine_info", "LLM engine of a loaded checkpoint (value 1)",
+                                 ["checkpoint", "engine", "version"], registry=r)
+        self._engine_labels: set[tuple[str, str, str]] = set()
         self.evaluation_diversity = Gauge("capguard_evaluation_diversity",
                                           "Diversity (unique captions / captions) in the last finished evaluation",
                                           ["checkpoint"], registry=r)
@@ -104,10 +109,16 @@ class Metrics:
         """Read the queue depth at scrape time."""
         self.queue_depth.set_function(depth)
 
-    def checkpoint_loaded(self, checkpoint: str) -> None:
-        """Create a loaded checkpoint's counter series at 0, so rates and alerts see them from the start."""
+    def checkpoint_loaded(self, checkpoint: str, engine: str = "hf", version: str = "") -> None:
+        """Create a loaded checkpoint's counter series at 0, so rates and alerts see them from the start, and say
+        which engine generates its captions (auto resolves per LLM, so two checkpoints may differ)."""
         from capguard.models.degenerate import KINDS
         from capguard.models.rules import RULES
+
+        for labels in [labels for labels in self._engine_labels if labels[0] == checkpoint]:
+            self.engine_info.remove(*labels)   # a reload on another engine replaces the series
+        self._engine_labels.add((checkpoint, engine, version))
+        self.engine_info.labels(checkpoint, engine, version).set(1)
 
         self.captions.labels(checkpoint)
         self.tokens.labels(checkpoint)

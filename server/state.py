@@ -52,6 +52,7 @@ class AppState:
     limits: VideoLimits      # what an upload may be, from settings
     history: GuardHistory    # the guard figures over time, per checkpoint (the page's live chart)
     preparing: int = 0       # /caption requests uploading or decoding: the batcher waits for them (event loop only)
+    generating: int = 0      # /caption requests on a continuous engine's path (encode, engine, score): <= queue_size
 
     async def start(self) -> None:
         """Start the decoders, the model thread and the job thread; load the default checkpoint.
@@ -62,6 +63,8 @@ class AppState:
         self.batcher.start()
         self.evaluations.start()
         default = self.settings.default_checkpoint
+        log.info("LLM engine: %s (CAPGUARD_ENGINE / --engine; each checkpoint's load logs what it resolved to)",
+                 self.settings.engine)
         try:
             await self.checkpoints.get(default)
         except ApiError as exc:
@@ -98,12 +101,12 @@ def init_state(settings: Settings, metrics: Metrics) -> AppState:
         guard.restore(rows)
         history.forget(name)
         history.add(name, guard.state(), count=False)
-        metrics.checkpoint_loaded(name)
+        metrics.checkpoint_loaded(name, stack.engine_name, stack.engine.version if stack.engine else "")
         metrics.observe_guard(name, guard.state(), count_trips=False)
         log.info("checkpoint %s: guard restored from %d logged captions", name, len(rows))
 
     checkpoints = Checkpoints(settings.checkpoints_root, settings.default_checkpoint, settings.device,
-                              on_load=restore_guard, compile=settings.compile)
+                              on_load=restore_guard, compile=settings.compile, engine=settings.engine)
     decoder = DecodePool(settings.decode_workers, settings.decoder, settings.decode_timeout_s,
                          max_pending=settings.queue_size,
                          on_restart=lambda reason: metrics.decoder_restarts.labels(reason).inc())
@@ -115,7 +118,7 @@ def init_state(settings: Settings, metrics: Metrics) -> AppState:
     evaluations = EvaluationManager(JobStore(data_dir / "evaluations.db"), data_dir / "evaluations",
                                     settings.evaluation_timeout_s, settings.evaluation_keep,
                                     on_change=metrics.observe_evaluation_jobs,
-                                    on_report=metrics.observe_evaluation_report)
+                                    on_report=metrics.observe_evaluation_report, engine=settings.engine)
     limits = VideoLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels,
                          max_duration_s=settings.max_duration_s, max_frames=settings.max_frames)
     state = AppState(settings=settings, metrics=metrics, storage=storage, guards=guards, checkpoints=checkpoints,

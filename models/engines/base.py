@@ -26,6 +26,10 @@ class EngineError(RuntimeError):
 @runtime_checkable
 class Engine(Protocol):
     name: str   # "hf" | "vllm": logged, and the `engine` a server reports
+    # True: the server sends each request through generate_one as soon as its visual tokens are ready
+    # (continuous batching inside the engine); False: whole batches through generate (static batches)
+    continuous: bool
+    version: str   # the engine library's version (transformers, vllm): capguard_engine_info
 
     def generate(self, visual: list[torch.Tensor], gen: GenerationConfig | list[GenerationConfig],
                  max_new_tokens: list[int] | None = None) -> list[Generated]:

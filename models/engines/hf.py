@@ -33,6 +33,7 @@ class _Aborted(StoppingCriteria):
 
 class HFEngine:
     name = "hf"
+    continuous = False   # static batches are what HF generate does best: the server batches them itself
 
     def __init__(self, captioner: Captioner):
         self.captioner = captioner
@@ -82,6 +83,12 @@ class HFEngine:
     async def abort(self, request_id: str) -> None:
         if request_id in self._pending:
             self._aborted.add(request_id)
+
+    @property
+    def version(self) -> str:
+        import transformers
+
+        return transformers.__version__
 
     def check_health(self) -> None:
         if self._closed:

@@ -204,6 +204,7 @@ class VLLMEngine:
     """One checkpoint's view of a VLLMCore: its prompt around the visual tokens, its EOS, its tokenizer."""
 
     name = "vllm"
+    continuous = True    # requests join and leave vLLM's running batch one by one
 
     def __init__(self, captioner: Captioner, core: VLLMCore):
         self.captioner, self.core = captioner, core
@@ -261,6 +262,12 @@ class VLLMEngine:
     async def abort(self, request_id: str) -> None:
         if self.core.alive:
             await self.core.call(self.core.llm.abort(request_id))
+
+    @property
+    def version(self) -> str:
+        import vllm
+
+        return vllm.__version__
 
     def check_health(self) -> None:
         if not self.core._finalizer.alive:

@@ -34,8 +34,9 @@ POLL_S = 0.25             # how often the manager looks at its child, cancel req
 class EvaluationManager:
     def __init__(self, store: JobStore, root: Path, timeout_s: float, keep: int = 200,
                  on_change: Callable[[dict[str, int]], None] = lambda counts: None,
-                 on_report: Callable[[dict], None] = lambda report: None):
+                 on_report: Callable[[dict], None] = lambda report: None, engine: str = "auto"):
         self.store = store
+        self.engine = engine               # auto | hf | vllm: CAPGUARD_ENGINE of each job process
         self.root = Path(root)             # data_dir/evaluations: one directory per job
         self.timeout_s = timeout_s         # a run longer than this is killed and failed
         self.keep = keep                   # finished jobs kept
@@ -147,7 +148,8 @@ class EvaluationManager:
             encoding="utf-8")
         threads = str(job.spec.threads)
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
-               "OPENBLAS_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
+               "OPENBLAS_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false",
+               "CAPGUARD_ENGINE": self.engine}   # the server's engine choice reaches the job's load_stack
         self._changed()
         log.info("evaluation %s: attempt %d starts", job.id, job.attempts)
         with (directory / "job.log").open("ab") as out:

@@ -14,7 +14,13 @@ from dataclasses import replace
 from fastapi import APIRouter, Request
 
 from capguard.models.decoding import MAX_NUM_BEAMS, MAX_SEED, MAX_TEMPERATURE, effective
-from capguard.server.captioning import CaptionJob, choose_checkpoint, decode_video, submit
+from capguard.server.captioning import (
+    CaptionJob,
+    cancel_on_disconnect,
+    choose_checkpoint,
+    decode_video,
+    submit,
+)
 from capguard.server.deps import State
 from capguard.server.errors import ApiError
 from capguard.server.routes.upload import FILE_FIELD, receive_upload
@@ -79,7 +85,8 @@ async def caption(request: Request, state: State) -> CaptionResponse:
     gen = options.decoding().apply(stack.config.generation)
     if options.max_new_tokens is not None:
         gen = replace(gen, max_new_tokens=options.max_new_tokens)
-    result = await submit(state, CaptionJob(name, stack, video.frames, gen, upload.sha256, decode_ms))
+    job = CaptionJob(name, stack, video.frames, gen, upload.sha256, decode_ms)
+    result = await cancel_on_disconnect(request.receive, submit(state, job))
     out = result.output
     fallback = None if choice.fallback_from is None else Fallback(requested=choice.fallback_from, reason=choice.reason)
     return CaptionResponse(
