@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import pytest
 
@@ -91,7 +92,7 @@ def test_disconnect_aborts_the_request_in_the_engine(client, app, video_files):
     from capguard.models.video import sample_frames
 
     video = sample_frames(video_files[0], stack.config.num_frames, state.limits, max_side=stack.frame_side)
-    job = CaptionJob("demo", stack, video.frames, 8, "ab" * 32, 1.0)
+    job = CaptionJob("demo", stack, video.frames, replace(stack.config.generation, max_new_tokens=8), "ab" * 32, 1.0)
     aborted = []
     real_abort = engine.abort
 
