@@ -12,7 +12,7 @@ import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -127,7 +127,7 @@ def test_disconnect_aborts_the_request_in_vllm(served, videos):
     state = app.state.capguard
     stack = state.checkpoints.loaded("demo")
     video = sample_frames(videos[0], stack.config.num_frames, state.limits, max_side=stack.frame_side)
-    job = CaptionJob("demo", stack, video.frames, 200, "cd" * 32, 1.0)
+    job = CaptionJob("demo", stack, video.frames, replace(stack.config.generation, max_new_tokens=200), "cd" * 32, 1.0)
     engine, aborted = stack.engine, []
     real_abort = engine.abort
 
