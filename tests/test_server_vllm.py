@@ -12,7 +12,7 @@ import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -116,6 +116,8 @@ class _Long:
     top_p: float = 1.0
     num_beams: int = 1
     repetition_penalty: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
 
 
 def test_disconnect_aborts_the_request_in_vllm(served, videos):
@@ -127,7 +129,7 @@ def test_disconnect_aborts_the_request_in_vllm(served, videos):
     state = app.state.capguard
     stack = state.checkpoints.loaded("demo")
     video = sample_frames(videos[0], stack.config.num_frames, state.limits, max_side=stack.frame_side)
-    job = CaptionJob("demo", stack, video.frames, replace(stack.config.generation, max_new_tokens=200), "cd" * 32, 1.0)
+    job = CaptionJob("demo", stack, video.frames, _Long(), "cd" * 32, 1.0)   # the job's own decoding: long
     engine, aborted = stack.engine, []
     real_abort = engine.abort
 
@@ -147,11 +149,10 @@ def test_disconnect_aborts_the_request_in_vllm(served, videos):
             await cancel_on_disconnect(receive, submit(state, job))
         return caught.value, time.perf_counter() - started
 
-    generation, stack.config.generation, engine.abort = stack.config.generation, _Long(), spy
+    engine.abort = spy
     try:
         error, seconds = client.portal.call(scenario)
     finally:
-        stack.config.generation = generation
         del engine.abort
     assert error.status == 499 and len(aborted) == 1
     processor = engine.core.llm.output_processor
