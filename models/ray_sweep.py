@@ -282,7 +282,7 @@ def write_report(plan: SweepPlan, dataset: Dataset, done: dict, out_dir: Path,
         evaluator.rows.append(report_row)
         evaluator.records += [{"checkpoint": name, "id": items[v].id, "path": items[v].rel,
                                "caption": rows[v]["caption"], "reference": items[v].reference,
-                               "siglip": rows[v]["siglip"]} for v in kept]
+                               "siglip": rows[v]["siglip"], "seed": None} for v in kept]   # greedy only
     return evaluator.write()
 
 

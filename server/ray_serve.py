@@ -143,6 +143,10 @@ class RemoteStack:
     dtype: str
     model: object = field(repr=False)                         # DeploymentHandle of the model replicas
     served: Counter = field(default_factory=Counter, repr=False)   # replica id -> videos it captioned
+    # no engine in the ingress: its batches go whole to a model replica (the batched path), whichever engine
+    # that replica runs; capguard_engine_info says "ray-replica" for these checkpoints
+    engine: None = None
+    engine_name: str = "ray-replica"
 
     @property
     def projector_type(self) -> str:
