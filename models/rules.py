@@ -82,6 +82,13 @@ def check_threshold_names(names: Iterable[str]) -> None:
         raise ValueError(f"unknown guard threshold(s) {sorted(unknown)}; known: {sorted(THRESHOLD_NAMES)}")
 
 
+# rule -> (GuardThresholds field, "<" when the figure must stay at or above it, ">" when at or below)
+RULE_LIMITS = {"unique_ratio": ("min_unique_ratio", "<"), "near_unique_ratio": ("min_near_unique_ratio", "<"),
+               "top_mode_share": ("max_top_mode_share", ">"), "grounding_r1": ("min_grounding_r1", "<"),
+               "content_unique_ratio": ("min_content_unique_ratio", "<"),
+               "degenerate_share": ("max_degenerate_share", ">")}
+
+
 def tripped_rules(report: DiversityReport, thresholds: GuardThresholds) -> list[str]:
     """Names of the guard rules the report breaks, in ``RULES`` order; nan/None figures never trip.
 
@@ -93,28 +100,11 @@ def tripped_rules(report: DiversityReport, thresholds: GuardThresholds) -> list[
     ["unique_ratio", "near_unique_ratio", "top_mode_share", "content_unique_ratio"].
     """
     tripped = []
-    if report.unique_ratio < thresholds.min_unique_ratio:
-        tripped.append("unique_ratio")
-    if report.near_unique_ratio < thresholds.min_near_unique_ratio:
-        tripped.append("near_unique_ratio")
-    if report.top_mode_share > thresholds.max_top_mode_share:
-        tripped.append("top_mode_share")
-    if report.grounding_r1 is not None and report.grounding_r1 < thresholds.min_grounding_r1:
-        tripped.append("grounding_r1")
-    content = report.content_unique_ratio
-    if content is not None and content < thresholds.min_content_unique_ratio:
-        tripped.append("content_unique_ratio")
-    degenerate = report.degenerate_share
-    if degenerate is not None and degenerate > thresholds.max_degenerate_share:
-        tripped.append("degenerate_share")
+    for rule, (field, op) in RULE_LIMITS.items():
+        value, limit = getattr(report, rule), getattr(thresholds, field)
+        if value is not None and (value < limit if op == "<" else value > limit):
+            tripped.append(rule)
     return tripped
-
-
-# rule -> (GuardThresholds field, "<" when the figure must stay at or above it, ">" when at or below)
-RULE_LIMITS = {"unique_ratio": ("min_unique_ratio", "<"), "near_unique_ratio": ("min_near_unique_ratio", "<"),
-               "top_mode_share": ("max_top_mode_share", ">"), "grounding_r1": ("min_grounding_r1", "<"),
-               "content_unique_ratio": ("min_content_unique_ratio", "<"),
-               "degenerate_share": ("max_degenerate_share", ">")}
 
 
 def explain_rule(report: DiversityReport, thresholds: GuardThresholds, rule: str) -> str:
