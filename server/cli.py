@@ -294,12 +294,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings = settings.model_copy(update={"engine": args.engine})
     logging.getLogger("capguard.server.cli").info("LLM engine asked: %s", settings.engine)
     if args.ray:
+        if args.replicas < 1:   # before the Ray check: a bad flag is an error with or without Ray installed
+            print(f"capguard serve: error: --replicas must be at least 1, got {args.replicas}", file=sys.stderr)
+            return 2
         if importlib.util.find_spec("ray") is None:
             print("capguard serve: error: --ray needs Ray: pip install 'capguard[ray]' (make install-ray)",
                   file=sys.stderr)
-            return 2
-        if args.replicas < 1:
-            print(f"capguard serve: error: --replicas must be at least 1, got {args.replicas}", file=sys.stderr)
             return 2
         from capguard.server.ray_serve import serve_forever
 
