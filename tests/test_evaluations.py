@@ -286,6 +286,19 @@ def test_a_job_that_fails_says_why(client):
     assert job["progress"] == {"done": 1, "total": 1} and job["report"] is None
 
 
+def test_a_relative_data_dir_reaches_the_job_process(server_settings, datasets, tmp_path, monkeypatch):
+    """The default data dir is relative ("data"); the job process runs in the datasets root, so the job
+    directory it is given must not be (it once read <datasets root>/data/... and failed every job)."""
+    monkeypatch.chdir(tmp_path)
+    settings = server_settings(decoder="fault_decoder:decoder", datasets_root=datasets, data_dir=Path("data"),
+                               admin_token=ADMIN)
+    with TestClient(create_app(settings)) as client:
+        r = client.post("/evaluations", json={"checkpoints": ["demo"], "dataset": "notvideo"}, headers=AUTH)
+        assert r.status_code == 202, r.text
+        job = wait_for(client, r.json()["id"], {"succeeded", "failed", "cancelled"})
+    assert job["error"].startswith("ValueError: no video of notvideo could be decoded"), job["error"]
+
+
 @pytest.mark.slow
 def test_a_job_cut_by_a_restart_is_resumed(server_settings, datasets):
     settings = server_settings(decoder="fault_decoder:decoder", datasets_root=datasets)

@@ -141,7 +141,7 @@ class EvaluationManager:
                 shutil.rmtree(job_dir(self.root, job_id), ignore_errors=True)
 
     def _run(self, job: Job) -> None:
-        directory = job_dir(self.root, job.id)
+        directory = job_dir(self.root, job.id).resolve()   # absolute: the job process runs in the datasets root
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "job.json").write_text(json.dumps(
             {"id": job.id, "db": str(self.store.path.resolve()), "spec": dataclasses.asdict(job.spec)}, indent=1),
