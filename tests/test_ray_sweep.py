@@ -106,6 +106,27 @@ def test_cli_refuses_what_a_sweep_cannot_do(extra, tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
 
 
+def test_cli_hands_the_decoding_flags_to_the_sweep(monkeypatch, tmp_path):
+    """--ray with decoding flags is a sweep with that DecodingRequest (no cluster: the sweep is replaced)."""
+    import importlib.util
+
+    import capguard.models.ray_sweep
+    from capguard.models.decoding import DecodingRequest
+    from capguard.server.cli import main
+
+    calls, find_spec = [], importlib.util.find_spec
+
+    def stopped_sweep(*args, **kwargs):
+        calls.append(kwargs)
+        raise KeyboardInterrupt   # the CLI's Ctrl-C path: exit 130, nothing printed as a report
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "ray" else find_spec(name, *a))
+    monkeypatch.setattr(capguard.models.ray_sweep, "sweep", stopped_sweep)
+    assert main(["evaluate", "--checkpoints", CHECKPOINTS[0], "--videos", str(VIDEOS), "--out", str(tmp_path),
+                 "--ray", "--do-sample", "--temperature", "0.8", "--seed", "3"]) == 130
+    assert calls[0]["decoding"] == DecodingRequest(do_sample=True, temperature=0.8, seed=3)
+
+
 CUT_SWEEP = r'''
 import os, sys
 from pathlib import Path
