@@ -252,8 +252,15 @@ def sweep(checkpoint_dirs: Sequence[str | os.PathLike], videos: str | os.PathLik
         connect(address)
         if gpus_per_actor is None:
             gpus_per_actor = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        free = ray.available_resources()
+        if free.get("CPU", 0) < cpus_per_actor or free.get("GPU", 0) < gpus_per_actor:   # e.g. Serve holds them
+            log.warning("sweep: no room for an actor yet (each needs %g CPU, %g GPU; free now: %g CPU, %g GPU); "
+                        "it waits until the cluster has it", cpus_per_actor, gpus_per_actor, free.get("CPU", 0),
+                        free.get("GPU", 0))
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True   # units come back in the order they were sent
+        if progress_callback is not None:
+            context.enable_progress_bars = False   # the caller shows progress (a job's log is a file, not a tty)
         results = ray.data.from_items(todo).map_batches(
             SweepWorker, fn_constructor_kwargs={"plan": plan}, batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=min(actors, len(todo))),
