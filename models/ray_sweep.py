@@ -15,6 +15,12 @@ padding, and the rows are built by the same ``checkpoint_row`` and ``Evaluator.w
   (flushed and fsynced as they arrive). A rerun with the same data set and options skips the units found
   there, so a sweep cut by a lost node, a killed driver or Ctrl-C redoes only what was in flight.
 - Embeddings go through JSON as Python floats of float32 values, which round-trip exactly.
+- Decoding: a ``DecodingRequest`` travels in the plan; each worker gives video i the local run's
+  GenerationConfig for it (``Evaluator.generation``: the checkpoint's defaults with the run's fields, seed + i),
+  so a sampled sweep with a seed gives the local run's captions too. The frame decoder ("module:function",
+  the server's ``decoder`` setting) and its ``VideoLimits`` travel the same way.
+- Evaluation jobs of a ``--ray`` server run this sweep (server/evaluations/child.py): ``progress_callback``
+  feeds the job table, ``names`` the job's row names.
 
 ``import ray`` happens only inside ``sweep``; ``SweepWorker`` is a plain class (its unit test runs it
 without a cluster).
@@ -25,15 +31,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pkgutil
 import time
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from capguard.models.config import MANIFEST_NAME, CheckpointConfig
+from capguard.models.decoding import DecodingRequest
 from capguard.models.degenerate import degeneration
 from capguard.models.evaluate import Dataset, Evaluator, checkpoint_row, component_paths, load_dataset
 from capguard.models.rules import GuardThresholds
@@ -53,6 +61,10 @@ class SweepPlan:
     num_frames: int | None           # None: each checkpoint's own
     max_new_tokens: int | None       # None: each checkpoint's generation default
     device: str                      # what each worker loads on ("auto": its GPU when it has one)
+    decoding: dict = field(default_factory=dict)   # DecodingRequest.given(): the run's decoding fields
+    decoder: str = "capguard.models.video:sample_frames"   # "module:function" with sample_frames' signature
+    limits: dict = field(default_factory=dict)     # capguard.models.video.VideoLimits fields ({}: defaults)
+    engine: str | None = None        # auto | hf | vllm: the driver's CAPGUARD_ENGINE (a worker's env is not it)
 
     def units(self) -> list[dict]:
         """Example: 2 checkpoints, 5 videos, batch_size 2 -> 6 units, {"checkpoint": 0, "first": 0, "stop": 2}
@@ -77,6 +89,9 @@ class SweepWorker:
 
         torch.set_num_threads(threads)   # one torch thread per actor: the pool, not OpenMP, uses the cores
         self.plan = plan
+        self.decoding = DecodingRequest(**plan.decoding)       # read by ``generation``
+        self.max_new_tokens = plan.max_new_tokens              # read by ``generation``
+        self.decode = pkgutil.resolve_name(plan.decoder)       # (path, num_frames, limits, max_side=) -> Video
         self.cache = ComponentCache()
         self.stack, self.loaded = None, None
 
@@ -90,13 +105,17 @@ class SweepWorker:
             for store in (self.cache.open_clip, self.cache.towers, self.cache.llms):   # keep what it shares
                 for key in [k for k in store if Path(k[0]) not in keep]:
                     del store[key]
-            self.stack = load_stack(directory, device=self.plan.device, cache=self.cache, with_scorer=True)
+            self.stack = load_stack(directory, device=self.plan.device, cache=self.cache, with_scorer=True,
+                                    engine=self.plan.engine)
             self.loaded = index
         return self.stack
 
+    # video i's GenerationConfig exactly as the local run makes it (reads self.decoding, self.max_new_tokens)
+    generation = Evaluator.generation
+
     def caption_unit(self, checkpoint: int, first: int, stop: int) -> list[dict]:
         """One unit -> one dict per video of it, in order (what ``Evaluator.add`` computes for that batch)."""
-        from capguard.models.video import VideoError, VideoLimits, sample_frames
+        from capguard.models.video import VideoError, VideoLimits
 
         stack = self._load(checkpoint)
         num_frames = self.plan.num_frames or stack.config.num_frames
@@ -106,16 +125,17 @@ class SweepWorker:
         rows, frames, started = {}, {}, time.perf_counter()
         for i in range(first, stop):
             try:
-                frames[i] = sample_frames(self.plan.videos[i], num_frames, VideoLimits(),
-                                          max_side=stack.frame_side).frames            # (T, H, W, 3) uint8
+                frames[i] = self.decode(Path(self.plan.videos[i]), num_frames, VideoLimits(**self.plan.limits),
+                                        max_side=stack.frame_side).frames              # (T, H, W, 3) uint8
             except (VideoError, OSError) as exc:
                 rows[i] = {"error": {"code": getattr(exc, "code", "io_error"), "message": str(exc)}}
         decode_s = time.perf_counter() - started
         if frames:
-            budget = None if self.plan.max_new_tokens is None else [self.plan.max_new_tokens] * len(frames)
-            outputs, seconds = stack.caption(list(frames.values()), max_new_tokens=budget)
-            for i, out in zip(frames, outputs, strict=True):
+            gens = [self.generation(stack.config.generation, i) for i in frames]
+            outputs, seconds = stack.caption(list(frames.values()), generation=gens)
+            for i, out, gen in zip(frames, outputs, gens, strict=True):
                 rows[i] = {"caption": out.caption, "siglip": out.score, "num_tokens": out.num_tokens,
+                           "max_new_tokens": gen.max_new_tokens, "seed": gen.seed if gen.do_sample else None,
                            "text_emb": None if out.text_emb is None else out.text_emb.astype(np.float32).tolist(),
                            "video_emb": None if out.video_emb is None else out.video_emb.astype(np.float32).tolist()}
             rows[min(frames)]["timings_s"] = dict(seconds)   # the batch's stages, counted once per unit
@@ -185,11 +205,18 @@ def sweep(checkpoint_dirs: Sequence[str | os.PathLike], videos: str | os.PathLik
           out_dir: str | os.PathLike, *, address: str | None = "auto", actors: int = 2, batch_size: int = 16,
           num_frames: int | None = None, max_new_tokens: int | None = None, device: str = "auto",
           thresholds: GuardThresholds | None = None, references: str = "auto", limit: int | None = None,
+          decoding: DecodingRequest | None = None, decoder: str = "capguard.models.video:sample_frames",
+          limits: dict | None = None, names: Sequence[str] | None = None,
+          progress_callback: Callable[[int, int], None] | None = None, cpus_per_actor: float = 1.0,
           gpus_per_actor: float | None = None) -> dict:
     """``capguard.models.evaluate.evaluate`` on a Ray cluster; writes the same report.json, captions.jsonl and
     report.html in out_dir (plus sweep.jsonl, the finished units) and returns the report.
 
-    actors: size of the worker pool. gpus_per_actor: None = 1 when the cluster has GPUs, else 0.
+    actors: size of the worker pool; cpus_per_actor, gpus_per_actor: what each actor reserves (gpus None: 1 when
+    the cluster has GPUs, else 0). decoding: as ``evaluate``'s. decoder, limits: how workers decode a video
+    ("module:function" taking (path, num_frames, VideoLimits, max_side=); VideoLimits fields). names: each
+    checkpoint's row name (default its own, "parent/name" on a clash). progress_callback(done, total): videos
+    captioned so far over all checkpoints (those of an earlier run included), after each one arrives.
     """
     import ray
 
@@ -197,11 +224,18 @@ def sweep(checkpoint_dirs: Sequence[str | os.PathLike], videos: str | os.PathLik
         raise ValueError("no checkpoints to evaluate; pass at least one checkpoint directory")
     if actors < 1 or batch_size < 1:
         raise ValueError(f"actors and batch_size must be at least 1, got {actors} and {batch_size}")
+    if names is not None and len(names) != len(checkpoint_dirs):
+        raise ValueError(f"{len(names)} names for {len(checkpoint_dirs)} checkpoints")
+    decoding = decoding if decoding is not None else DecodingRequest()
+    decoding.check()   # a bad field fails here, not in every actor
+    pkgutil.resolve_name(decoder)   # and so does a decoder that does not import
     for directory in checkpoint_dirs:
         component_paths(directory)   # a typo fails here, before a cluster is asked for anything
     dataset = videos if isinstance(videos, Dataset) else load_dataset(videos, references, limit)
     plan = SweepPlan(tuple(str(Path(d).resolve()) for d in checkpoint_dirs),
-                     tuple(str(item.path) for item in dataset.items), batch_size, num_frames, max_new_tokens, device)
+                     tuple(str(Path(item.path).absolute()) for item in dataset.items), batch_size, num_frames,
+                     max_new_tokens, device, decoding.given(), decoder, dict(limits or {}),
+                     os.environ.get("CAPGUARD_ENGINE"))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     partial = out / PARTIAL_NAME
@@ -211,16 +245,26 @@ def sweep(checkpoint_dirs: Sequence[str | os.PathLike], videos: str | os.PathLik
              len(plan.videos), len(plan.units()), len(plan.units()) - len(todo))
     if not done:
         partial.write_text(json.dumps({"plan": asdict(plan)}, ensure_ascii=False) + "\n", encoding="utf-8")
+    total = len(plan.checkpoints) * len(plan.videos)
+    progress = progress_callback or (lambda done, total: None)
+    progress(len(done), total)
     if todo:
         connect(address)
         if gpus_per_actor is None:
             gpus_per_actor = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        free = ray.available_resources()
+        if free.get("CPU", 0) < cpus_per_actor or free.get("GPU", 0) < gpus_per_actor:   # e.g. Serve holds them
+            log.warning("sweep: no room for an actor yet (each needs %g CPU, %g GPU; free now: %g CPU, %g GPU); "
+                        "it waits until the cluster has it", cpus_per_actor, gpus_per_actor, free.get("CPU", 0),
+                        free.get("GPU", 0))
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True   # units come back in the order they were sent
+        if progress_callback is not None:
+            context.enable_progress_bars = False   # the caller shows progress (a job's log is a file, not a tty)
         results = ray.data.from_items(todo).map_batches(
             SweepWorker, fn_constructor_kwargs={"plan": plan}, batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=min(actors, len(todo))),
-            num_cpus=1, num_gpus=gpus_per_actor)
+            num_cpus=cpus_per_actor, num_gpus=gpus_per_actor)
         with partial.open("a", encoding="utf-8") as sink:
             for record in results.iter_rows():
                 row = json.loads(record["row"])
@@ -228,18 +272,21 @@ def sweep(checkpoint_dirs: Sequence[str | os.PathLike], videos: str | os.PathLik
                 sink.flush()
                 os.fsync(sink.fileno())          # on disk before the next one: a lost node loses only its units
                 done[(row["checkpoint"], row["video"])] = row
-    return write_report(plan, dataset, done, out, thresholds, paths=[str(d) for d in checkpoint_dirs])
+                progress(len(done), total)
+    return write_report(plan, dataset, done, out, thresholds, paths=[str(d) for d in checkpoint_dirs], names=names)
 
 
 def write_report(plan: SweepPlan, dataset: Dataset, done: dict, out_dir: Path,
-                 thresholds: GuardThresholds | None = None, paths: Sequence[str] | None = None) -> dict:
+                 thresholds: GuardThresholds | None = None, paths: Sequence[str] | None = None,
+                 names: Sequence[str] | None = None) -> dict:
     """The Evaluator's report from the sweep's rows: each checkpoint's row, captions.jsonl, report.html.
 
     paths: the checkpoint paths as the caller gave them (what a local report shows); default the resolved ones.
+    names: the rows' names as ``Evaluator.add`` takes them; default each checkpoint's own.
     """
     evaluator = Evaluator(dataset, out_dir, batch_size=plan.batch_size, num_frames=plan.num_frames, device=plan.device,
                           thresholds=thresholds, progress_bar=False, expected_checkpoints=len(plan.checkpoints),
-                          max_new_tokens=plan.max_new_tokens)
+                          max_new_tokens=plan.max_new_tokens, decoding=DecodingRequest(**plan.decoding))
     items = dataset.items
     for c, directory in enumerate(plan.checkpoints):
         rows = [done[(c, v)] for v in range(len(items))]
@@ -255,13 +302,13 @@ def write_report(plan: SweepPlan, dataset: Dataset, done: dict, out_dir: Path,
             raise ValueError(f"{directory}: its weights changed during the sweep ({len(fingerprints)} fingerprints "
                              f"in {out_dir / PARTIAL_NAME}); delete that file to caption it again")
         evaluator.device_used = first["device"]
-        name = evaluator._unique_name(first["name"], Path(directory))   # "parent/name" on a clash, as locally
+        name = evaluator._unique_name(names[c] if names else first["name"], Path(directory))   # as locally
         if not first["scorer"]:
             evaluator.extra_warnings.append({"code": "no_scorer", "message": (
                 f"{name} has no scorer in its {MANIFEST_NAME}: SigLIP and grounding R@1 are not computed.")})
         config = CheckpointConfig.load(directory)
         judged_by = thresholds or replace(GuardThresholds(), **config.guard)
-        limit = plan.max_new_tokens or config.generation.max_new_tokens   # what the worker generated under
+        limit = plan.max_new_tokens or config.generation.max_new_tokens   # rows of older sweeps lack their own
         stages = Counter()
         for row in rows:
             stages.update(row.get("timings_s", {}))
@@ -278,11 +325,12 @@ def write_report(plan: SweepPlan, dataset: Dataset, done: dict, out_dir: Path,
             references=[items[v].reference for v in kept] if dataset.lang else None,
             attributes=[items[v].attributes for v in kept] if any(items[v].attributes for v in kept) else None,
             lang=dataset.lang, ids=[items[v].id for v in kept], thresholds=judged_by, info=info,
-            degenerate=[getattr(degeneration(r["caption"], r["num_tokens"], limit), "kind", None) for r in chosen])
+            degenerate=[getattr(degeneration(r["caption"], r["num_tokens"], r.get("max_new_tokens", limit)), "kind",
+                                None) for r in chosen])
         evaluator.rows.append(report_row)
         evaluator.records += [{"checkpoint": name, "id": items[v].id, "path": items[v].rel,
                                "caption": rows[v]["caption"], "reference": items[v].reference,
-                               "siglip": rows[v]["siglip"], "seed": None} for v in kept]   # greedy only
+                               "siglip": rows[v]["siglip"], "seed": rows[v].get("seed")} for v in kept]
     return evaluator.write()
 
 

@@ -210,10 +210,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.actors < 1:
         print(f"capguard evaluate: error: --actors must be at least 1, got {args.actors}", file=sys.stderr)
         return 2
-    if args.ray and args.decoding.given():
-        print("capguard evaluate: error: decoding options are not applied by --ray sweeps yet; drop them or --ray",
-              file=sys.stderr)
-        return 2
     _use_engine(args)
     try:
         if args.ray:
@@ -223,7 +219,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 return 2
             from capguard.models.ray_sweep import sweep
 
-            options.pop("decoding")   # none given (checked above): each checkpoint's own, as the workers use
             report = sweep(args.checkpoints, dataset, args.out, address=args.ray, actors=args.actors, **options)
         elif args.watch:
             report = watch(args.watch, dataset, args.out, interval=args.interval, once=args.once,

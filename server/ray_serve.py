@@ -16,6 +16,13 @@ One application, two deployments:
   to ``max_models`` loaded stacks, multiplexed by checkpoint name (``@serve.multiplexed``; the ingress sets
   the model id), and captions a batch of decoded videos.
 
+Evaluation jobs (POST /evaluations) are queued, tracked and cancelled by the ingress's EvaluationManager as on
+one machine, but a checkpoint job's process joins this cluster and runs the job as a Ray Data sweep
+(capguard.models.ray_sweep) over its own actor pool (``evaluation_actors``, each holding one loaded stack):
+same report, progress in the same job table, cancel stops that process and so its actors. The pool needs
+resources of its own beside the replicas' (a CPU, or a GPU when the cluster has GPUs, per actor); until the
+cluster has them the job stays at 0 done.
+
 A replica that dies mid-batch costs a retry on another one: nothing was logged for that batch, so nothing
 acknowledged is lost. The batching, the collapse policy and the metrics are the single-process server's
 own (server/captioning.py runs unchanged): only where the model runs and where the log lives differ.
@@ -38,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from capguard.models.config import CheckpointConfig
-from capguard.models.stack import CaptionOutput, load_stack
+from capguard.models.stack import CaptionOutput, compile_llm, load_stack
 from capguard.server.checkpoints import CHECKPOINT_NAME, Checkpoints
 from capguard.server.errors import ApiError
 from capguard.server.guard import GuardSettings, GuardState
@@ -64,11 +71,14 @@ class ModelReplica:
     """Loaded stacks by checkpoint name, captioning batches of decoded frames. Runs as a Serve deployment
     (``model_deployment``) or as a plain object: ``await ModelReplica(root).caption(frames, [32], "demo")``."""
 
-    def __init__(self, checkpoints_root: str | Path, device: str = "auto", threads: int = 1):
+    def __init__(self, checkpoints_root: str | Path, device: str = "auto", threads: int = 1,
+                 engine: str | None = None, compile: bool = False):
         import torch
 
         torch.set_num_threads(threads)    # replicas, not OpenMP, share the cores out
         self.root, self.device = Path(checkpoints_root).resolve(), device
+        # the server's settings, not the replica process's environment (a Ray worker's is the raylet's)
+        self.engine, self.compile = engine, compile
         self.lock = asyncio.Lock()        # one model call at a time per replica (the ingress batches)
         self.videos = 0                   # videos captioned by this replica (tests, logs)
 
@@ -81,7 +91,13 @@ class ModelReplica:
 
     async def get_stack(self, name: str):
         """Load ``name`` (the deployment wraps this in ``@serve.multiplexed``: an LRU of loaded stacks)."""
-        return await asyncio.to_thread(load_stack, self.path(name), self.device, None, True, name)
+        return await asyncio.to_thread(self._load, self.path(name), name)
+
+    def _load(self, path: Path, name: str):
+        stack = load_stack(path, self.device, None, True, name, engine=self.engine)
+        if self.compile:
+            compile_llm(stack)   # as Checkpoints does with settings.compile (CAPGUARD_COMPILE)
+        return stack
 
     def _model_id(self, checkpoint: str | None) -> str:
         if checkpoint is not None:
@@ -273,8 +289,15 @@ class DeploymentLog:
         self.local.close()
 
 
-def use_ray(state: AppState, model) -> threading.Event:
-    """Turn a freshly built AppState (nothing started) into the Ray ingress's; returns the refresher's stop."""
+def use_ray(state: AppState, model, evaluation: dict | None = None) -> threading.Event:
+    """Turn a freshly built AppState (nothing started) into the Ray ingress's; returns the refresher's stop.
+
+    evaluation: the pool of each evaluation job ({"actors": N, "cpus_per_actor": c, "gpus_per_actor": g});
+    its jobs join this process's cluster."""
+    import ray
+
+    state.evaluations.ray = {"actors": 2, "cpus_per_actor": 1.0, "gpus_per_actor": None, **(evaluation or {}),
+                             "address": ray.get_runtime_context().gcs_address}
     log_path = Path(state.settings.data_dir).resolve() / "capguard.db"
     guards = DeploymentGuards(state.guards, log_path, state.metrics)
     state.guards = guards
@@ -296,8 +319,8 @@ def use_ray(state: AppState, model) -> threading.Event:
 class CaptionIngress:
     """The ingress deployment: ``create_app(settings)`` whose state is made Ray's by ``use_ray``."""
 
-    def __init__(self, model, settings: Settings):
-        self.model, self.settings = model, settings
+    def __init__(self, model, settings: Settings, evaluation: dict | None = None):
+        self.model, self.settings, self.evaluation = model, settings, evaluation
         self.state: AppState | None = None
 
     def __serve_build_asgi_app__(self):
@@ -308,7 +331,7 @@ class CaptionIngress:
         @asynccontextmanager
         async def lifespan(app):
             self.state = init_state(app.state.settings, app.state.metrics)
-            stop = use_ray(self.state, self.model)
+            stop = use_ray(self.state, self.model, self.evaluation)
             app.state.capguard = self.state
             try:
                 await self.state.start()
@@ -334,13 +357,17 @@ class CaptionIngress:
 
 
 def build_app(settings: Settings, replicas: int = 2, max_models: int = 2, gpus_per_replica: float | None = None,
-              cpus_per_replica: float = 1.0):
-    """The Serve application (ingress bound to the model deployment); ``serve.run`` it."""
+              cpus_per_replica: float = 1.0, evaluation_actors: int = 2, cpus_per_evaluation_actor: float = 1.0,
+              gpus_per_evaluation_actor: float | None = None):
+    """The Serve application (ingress bound to the model deployment); ``serve.run`` it.
+
+    evaluation_actors, cpus_per_evaluation_actor, gpus_per_evaluation_actor: each evaluation job's actor pool
+    (gpus None: 1 per actor when the cluster has GPUs)."""
     import ray
     from ray import serve
 
-    if replicas < 1:
-        raise ValueError(f"replicas must be at least 1, got {replicas}")
+    if replicas < 1 or evaluation_actors < 1:
+        raise ValueError(f"replicas and evaluation_actors must be at least 1, got {replicas} and {evaluation_actors}")
     if gpus_per_replica is None:
         gpus_per_replica = 1 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0
 
@@ -358,13 +385,18 @@ def build_app(settings: Settings, replicas: int = 2, max_models: int = 2, gpus_p
     ingress = serve.deployment(serve.ingress()(CaptionIngress), name=APP_NAME, num_replicas=1,
                                ray_actor_options={"num_cpus": 0})
     device = settings.device if gpus_per_replica or settings.device != "auto" else "cpu"
-    return ingress.bind(model.bind(str(settings.checkpoints_root), device), settings)
+    evaluation = {"actors": evaluation_actors, "cpus_per_actor": cpus_per_evaluation_actor,
+                  "gpus_per_actor": gpus_per_evaluation_actor}
+    return ingress.bind(model.bind(str(settings.checkpoints_root), device, engine=settings.engine,
+                                   compile=settings.compile), settings, evaluation)
 
 
 def build(args: dict):
     """Application builder for a Serve config file (KubeRay's RayService): settings from CAPGUARD_* variables,
-    ``args``: replicas, max_models. Example: import_path capguard.server.ray_serve:build, args {replicas: 2}."""
-    return build_app(Settings(), replicas=int(args.get("replicas", 2)), max_models=int(args.get("max_models", 2)))
+    ``args``: replicas, max_models, evaluation_actors. Example: import_path capguard.server.ray_serve:build,
+    args {replicas: 2}."""
+    return build_app(Settings(), replicas=int(args.get("replicas", 2)), max_models=int(args.get("max_models", 2)),
+                     evaluation_actors=int(args.get("evaluation_actors", 2)))
 
 
 def serve_forever(settings: Settings, address: str | None, replicas: int, host: str, port: int) -> int:

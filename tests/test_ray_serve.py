@@ -38,6 +38,20 @@ def test_model_replica_as_plain_object_captions_like_the_stack():
         replica.path("../demo")
 
 
+def test_model_replica_loads_with_the_servers_engine_and_compile_setting(monkeypatch):
+    """A replica's process environment is the raylet's: engine and compile come from the server's settings."""
+    import capguard.server.ray_serve as ray_serve
+
+    loads, compiled = [], []
+    monkeypatch.setattr(ray_serve, "load_stack", lambda path, *args, **kwargs: loads.append((path, kwargs)) or path)
+    monkeypatch.setattr(ray_serve, "compile_llm", compiled.append)
+    stack = asyncio.run(ray_serve.ModelReplica(REPO / "checkpoints", "cpu", engine="hf", compile=True
+                                               ).get_stack("demo"))
+    assert loads == [(REPO / "checkpoints" / "demo", {"engine": "hf"})] and compiled == [stack]
+    asyncio.run(ray_serve.ModelReplica(REPO / "checkpoints", "cpu").get_stack("demo"))
+    assert loads[-1][1] == {"engine": None} and len(compiled) == 1   # defaults: CAPGUARD_ENGINE, no compile
+
+
 def post(client, video: Path, checkpoint: str = "collapsed"):
     with video.open("rb") as f:
         return client.post(f"http://127.0.0.1:{PORT}/caption", files={"video": (video.name, f, "video/mp4")},

@@ -75,9 +75,12 @@ def test_torn_last_line_is_dropped_and_the_file_ends_on_a_newline(tmp_path):
 def test_sweep_on_an_actor_pool_equals_the_local_run_and_resumes(local, tmp_path):
     from capguard.models.ray_sweep import sweep
 
-    report = sweep(CHECKPOINTS, VIDEOS, tmp_path, limit=5, batch_size=2, actors=2, device="cpu")
+    progress = []
+    report = sweep(CHECKPOINTS, VIDEOS, tmp_path, limit=5, batch_size=2, actors=2, device="cpu",
+                   progress_callback=lambda done, total: progress.append((done, total)))
     assert comparable(report) == comparable(local[0])
     assert (tmp_path / "captions.jsonl").read_text(encoding="utf-8") == local[1]
+    assert progress == [(done, 10) for done in range(11)]   # once before, then once per row as it arrives
 
     # cut: the run wrote three rows (one whole unit of 2 videos, half of the next), then tore a line
     lines = (tmp_path / PARTIAL_NAME).read_text(encoding="utf-8").splitlines()
@@ -101,6 +104,27 @@ def test_cli_refuses_what_a_sweep_cannot_do(extra, tmp_path, capsys):
 
     assert main(["evaluate", *extra, "--videos", str(VIDEOS), "--out", str(tmp_path)]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_cli_hands_the_decoding_flags_to_the_sweep(monkeypatch, tmp_path):
+    """--ray with decoding flags is a sweep with that DecodingRequest (no cluster: the sweep is replaced)."""
+    import importlib.util
+
+    import capguard.models.ray_sweep
+    from capguard.models.decoding import DecodingRequest
+    from capguard.server.cli import main
+
+    calls, find_spec = [], importlib.util.find_spec
+
+    def stopped_sweep(*args, **kwargs):
+        calls.append(kwargs)
+        raise KeyboardInterrupt   # the CLI's Ctrl-C path: exit 130, nothing printed as a report
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "ray" else find_spec(name, *a))
+    monkeypatch.setattr(capguard.models.ray_sweep, "sweep", stopped_sweep)
+    assert main(["evaluate", "--checkpoints", CHECKPOINTS[0], "--videos", str(VIDEOS), "--out", str(tmp_path),
+                 "--ray", "--do-sample", "--temperature", "0.8", "--seed", "3"]) == 130
+    assert calls[0]["decoding"] == DecodingRequest(do_sample=True, temperature=0.8, seed=3)
 
 
 CUT_SWEEP = r'''
@@ -176,3 +200,29 @@ def test_sweep_cut_by_a_lost_node_resumes(local, tmp_path):
     resumed = (tmp_path / PARTIAL_NAME).read_text(encoding="utf-8").splitlines()
     assert resumed[:len(written)] == written           # what the lost run finished is kept, not redone
     assert comparable(report) == comparable(local[0])
+
+
+@pytest.mark.slow   # the demo stack loaded twice: ~6 s
+def test_worker_carries_decoding_and_row_names_like_the_local_run(tmp_path):
+    """A sampled run with a seed: the plan's DecodingRequest gives each video the local run's config (seed + i)."""
+    from capguard.models.decoding import DecodingRequest
+    from capguard.models.evaluate import Evaluator
+
+    decoding = DecodingRequest(do_sample=True, temperature=0.9, seed=5)
+    dataset = load_dataset(VIDEOS, limit=3)
+    evaluator = Evaluator(dataset, tmp_path / "local", batch_size=2, device="cpu", progress_bar=False,
+                          decoding=decoding)
+    evaluator.add(CHECKPOINTS[0], name="mine")
+    expected = evaluator.write()
+    the_plan = SweepPlan((CHECKPOINTS[0],), tuple(str(i.path) for i in dataset.items), 2, None, None, "cpu",
+                         decoding.given())
+    worker, done = SweepWorker(the_plan), {}
+    for unit in the_plan.units():
+        for row in worker({key: [value] for key, value in unit.items()})["row"]:
+            row = json.loads(row)
+            done[(row["checkpoint"], row["video"])] = row
+    report = write_report(the_plan, dataset, done, tmp_path / "swept", paths=CHECKPOINTS[:1], names=["mine"])
+    assert comparable(report) == comparable(expected) and report["run"]["decoding"] == decoding.given()
+    assert (tmp_path / "swept" / "captions.jsonl").read_text(encoding="utf-8") == \
+        (tmp_path / "local" / "captions.jsonl").read_text(encoding="utf-8")
+    assert [json.loads(line)["seed"] for line in (tmp_path / "swept" / "captions.jsonl").open()] == [5, 6, 7]

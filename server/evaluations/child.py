@@ -6,6 +6,9 @@ and the report files (report.json, report.html, captions.jsonl; capguard.models.
 atomically after every checkpoint) into JOB_DIR; the server sends its output to JOB_DIR/job.log. It
 gets SIGKILL when the server dies (PR_SET_PDEATHSIG), so a killed server leaves no orphan writing into
 a job directory.
+
+A job.json with a "ray" section (written by the manager of a ``--ray`` server) runs a checkpoint job as a
+Ray Data sweep (``_run_sweep``): this process is then the sweep's driver, the actors caption.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ def run_job(directory: Path, parent_pid: int | None = None) -> int:
         os.nice(spec.nice)
     store = JobStore(meta["db"])
     try:
+        if meta.get("ray") and not spec.captions:   # caption-file jobs caption nothing: they run here
+            return _run_sweep(job_id, spec, directory, meta["ray"], store)
         import torch
 
         from capguard.models.decoding import DecodingRequest
@@ -89,6 +94,25 @@ def run_job(directory: Path, parent_pid: int | None = None) -> int:
         return 1
     finally:
         store.close()
+
+
+def _run_sweep(job_id: str, spec: JobSpec, directory: Path, options: dict, store: JobStore) -> int:
+    """The job on the server's Ray cluster (capguard.models.ray_sweep): the same units as ``Evaluator`` in
+    batches of BATCH_SIZE, so the report is the local job's; a resumed job keeps JOB_DIR/sweep.jsonl's units."""
+    from capguard.models.decoding import DecodingRequest
+    from capguard.models.evaluate import load_dataset
+    from capguard.models.ray_sweep import connect, sweep
+
+    connect(options["address"])
+    log.info("evaluation %s: a sweep on the Ray cluster at %s, %d actors", job_id, options["address"],
+             options["actors"])
+    sweep([path for _, path in spec.checkpoints], load_dataset(spec.dataset, spec.references, spec.limit),
+          directory, actors=options["actors"], batch_size=BATCH_SIZE, num_frames=spec.num_frames,
+          max_new_tokens=spec.max_new_tokens, device=spec.device, decoding=DecodingRequest(**spec.decoding),
+          decoder=spec.decoder, limits=spec.limits, names=[name for name, _ in spec.checkpoints],
+          progress_callback=lambda done, total: store.progress(job_id, done, total),
+          cpus_per_actor=options.get("cpus_per_actor", 1.0), gpus_per_actor=options.get("gpus_per_actor"))
+    return 0
 
 
 def _run_captions(spec: JobSpec, directory: Path, frames, progress) -> int:

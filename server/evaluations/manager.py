@@ -7,6 +7,11 @@
 The child is ``capguard.server.evaluations.child`` (started by server/childproc.py with the server's
 sys.path). It writes progress to the job table; this thread decides the final status from its exit
 code, kills it on cancel or timeout, and prunes old jobs.
+
+On a ``--ray`` server (server/ray_serve.py sets ``ray``) the child of a checkpoint job is a Ray driver: it
+joins the server's cluster and runs the job as a Ray Data sweep (capguard.models.ray_sweep) over an actor
+pool instead of captioning itself. Status, progress, cancel, timeout and the report files stay as here:
+stopping the child ends its sweep (Ray ends the actors of a driver that is gone).
 """
 
 from __future__ import annotations
@@ -34,9 +39,13 @@ POLL_S = 0.25             # how often the manager looks at its child, cancel req
 class EvaluationManager:
     def __init__(self, store: JobStore, root: Path, timeout_s: float, keep: int = 200,
                  on_change: Callable[[dict[str, int]], None] = lambda counts: None,
-                 on_report: Callable[[dict], None] = lambda report: None, engine: str = "auto"):
+                 on_report: Callable[[dict], None] = lambda report: None, engine: str = "auto",
+                 ray: dict | None = None):
         self.store = store
         self.engine = engine               # auto | hf | vllm: CAPGUARD_ENGINE of each job process
+        # None: jobs caption in their process. A --ray server's {"address": GCS address, "actors": N,
+        # "cpus_per_actor": c, "gpus_per_actor": g or None}: checkpoint jobs run as sweeps on that cluster
+        self.ray = ray
         self.root = Path(root)             # data_dir/evaluations: one directory per job
         self.timeout_s = timeout_s         # a run longer than this is killed and failed
         self.keep = keep                   # finished jobs kept
@@ -144,7 +153,8 @@ class EvaluationManager:
         directory = job_dir(self.root, job.id).resolve()   # absolute: the job process runs in the datasets root
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "job.json").write_text(json.dumps(
-            {"id": job.id, "db": str(self.store.path.resolve()), "spec": dataclasses.asdict(job.spec)}, indent=1),
+            {"id": job.id, "db": str(self.store.path.resolve()), "spec": dataclasses.asdict(job.spec),
+             "ray": self.ray}, indent=1),
             encoding="utf-8")
         threads = str(job.spec.threads)
         env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
