@@ -37,3 +37,54 @@ def test_rows_decode_by_their_own_options_and_seeds_reproduce():
     assert out[0].token_ids == reference[0].token_ids              # greedy rows are greedy
     with pytest.raises(EngineError, match="beam search"):
         stack.caption(videos[:1], generation=[replace(greedy, num_beams=3)], score=False)
+
+
+def test_repeating_tail_is_vllms_repetition_check():
+    """capguard.models.sampling.repeating_tail (the hf engine's stop) decides as vLLM's own check does, on
+    sequences over a 3-token alphabet (so repeats are common), with the pattern sizes the engine sends."""
+    import random
+
+    from vllm.sampling_params import RepetitionDetectionParams
+    from vllm.v1.core.sched.utils import check_sequence_repetition
+
+    from capguard.models.sampling import repeating_tail
+
+    rng, stops = random.Random(0), 0
+    for _ in range(3000):
+        ids = [rng.randrange(3) for _ in range(rng.randrange(1, 40))]
+        count, smallest = rng.randrange(2, 5), rng.randrange(1, 6)
+        params = RepetitionDetectionParams(max_pattern_size=max(smallest, 48 // count), min_pattern_size=smallest,
+                                           min_count=count)
+        ours = bool(repeating_tail(ids, count, smallest))
+        assert ours == check_sequence_repetition(ids, params), (ids, count, smallest)
+        stops += ours
+    assert 100 < stops < 2900      # both answers were tested many times
+
+
+def test_stop_on_repetition_is_vllms_repetition_detection(tmp_path):
+    """A random-init stack loops on one token: with stop_on_repetition the vllm engine ends the row where the
+    hf engine does (same tokens), says "repetition", and without it runs to the limit ("length")."""
+    from capguard.models.components import TinySizes, init_checkpoint
+    from capguard.models.decoding import DecodingRequest
+    from capguard.models.engines.vllm_engine import sampling_params
+    from capguard.models.stack import ComponentCache, load_stack
+
+    # the demo LLM's head size (48): one the CPU attention backend takes
+    path = init_checkpoint(tmp_path / "loop", "mlp2x_gelu", sizes=TinySizes(llm_hidden=192, llm_layers=3), seed=0)
+    cache = ComponentCache()
+    stack = load_stack(path, device="cpu", cache=cache, engine="vllm", with_scorer=False)
+    hf = load_stack(path, device="cpu", cache=cache, engine="hf", with_scorer=False)
+    base = replace(stack.config.generation, max_new_tokens=40)
+    stop = DecodingRequest(stop_on_repetition=True).apply(base)
+    tuned = DecodingRequest(stop_on_repetition=True, repetition_min_count=3, repetition_min_pattern_size=3).apply(base)
+    params = sampling_params(tuned, 40, [1]).repetition_detection
+    assert (params.min_count, params.min_pattern_size, params.max_pattern_size) == (3, 3, 13)
+    frames = [torch.randint(0, 256, (8, 40, 56, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+              .numpy() for i in range(2)]
+    with torch.inference_mode():
+        out, _ = stack.caption(frames * 3, generation=[base] * 2 + [stop] * 2 + [tuned] * 2, score=False)
+        reference, _ = hf.caption(frames * 3, generation=[base] * 2 + [stop] * 2 + [tuned] * 2, score=False)
+    assert [o.finish_reason for o in out] == ["length"] * 2 + ["repetition"] * 4
+    assert [o.token_ids for o in out] == [o.token_ids for o in reference]
+    assert [o.finish_reason for o in reference] == [o.finish_reason for o in out]
+    assert out[2].num_tokens < 40 and out[4].num_tokens < out[2].num_tokens
