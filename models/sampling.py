@@ -153,8 +153,8 @@ class RepetitionStop(LogitsProcessor):
         if input_ids.shape[1] == 0:
             return scores
         rows = self.rows * input_ids.shape[0] if len(self.rows) == 1 else self.rows   # one set: every beam
-        stop = [i for i, (row, ids) in enumerate(zip(rows, input_ids.tolist(), strict=True))
-                if row is not None and repeating_tail(ids, *row)]
+        stop = [i for i, (row, ids) in enumerate(zip(rows, input_ids.tolist(), strict=True))   # a row with EOS
+                if row is not None and self.eos_id not in ids and repeating_tail(ids, *row)]   # is done: padding
         if stop:
             scores = scores.clone()
             scores[stop] = -float("inf")

@@ -154,6 +154,18 @@ def test_the_server_echoes_counts_and_refuses_bad_fields(server_settings, video_
         assert samples(client)[key] == 1
 
 
+def test_evaluation_bodies_take_the_fields():
+    from pydantic import ValidationError
+
+    from capguard.server.schemas import EvaluationRequest
+
+    body = {"checkpoints": ["demo"], "dataset": "clips"}
+    asked = EvaluationRequest.model_validate({**body, "stop_on_repetition": True, "repetition_min_count": 3})
+    assert asked.decoding().given() == {"stop_on_repetition": True, "repetition_min_count": 3}   # the job's spec
+    with pytest.raises(ValidationError, match="repetition_min_pattern_size needs stop_on_repetition=true"):
+        EvaluationRequest.model_validate({**body, "repetition_min_pattern_size": 4})
+
+
 def test_cli_flags(checkpoints_root, video_files, capsys):
     import json
 
