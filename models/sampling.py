@@ -22,9 +22,10 @@ Cost: a few vector ops over the vocabulary per processed row and step, in Python
 sampled and beam-search calls alike, and ``Captioner.finish`` cuts the EOS. vLLM checks the same tail after
 the same token (the length limit first), so both engines keep the same tokens; ``finish_reason`` then tells
 a repetition stop from an EOS or the limit. Written here rather than taken from vLLM: transformers has no
-such stop, and capguard's hf engine must not need vLLM. Cost: per stopping row and step, one comparison
-per candidate pattern size (up to tokens / count) and a slice compare for the few that match their last
-token; nothing for other rows.
+such stop, and capguard's hf engine must not need vLLM. Cost, only in calls with such a row: per step the
+ids as a list, then per stopping row one comparison per candidate pattern size (up to tokens / count) and a
+slice compare for the few that match their last token; measured 12 / 52 / 227 us per step for 16 rows at
+8 / 48 / 200 tokens (a vocabulary of 152k: the logits are copied only on the step a row stops).
 """
 
 from __future__ import annotations
