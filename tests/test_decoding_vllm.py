@@ -1,5 +1,6 @@
 """Per-request decoding options through the vllm engine (make test-vllm; skipped elsewhere): each row of a
-batch gets its own SamplingParams, a seed reproduces its caption, beam search is refused."""
+batch gets its own SamplingParams, a seed reproduces its caption, beam search is refused; stop_on_repetition is
+vLLM's repetition_detection, stops a row where the hf engine does, and is counted by the server."""
 
 from __future__ import annotations
 
@@ -88,3 +89,31 @@ def test_stop_on_repetition_is_vllms_repetition_detection(tmp_path):
     assert [o.token_ids for o in out] == [o.token_ids for o in reference]
     assert [o.finish_reason for o in reference] == [o.finish_reason for o in out]
     assert out[2].num_tokens < 40 and out[4].num_tokens < out[2].num_tokens
+
+
+def test_the_server_counts_vllm_repetition_stops(tmp_path):
+    """Through the server's continuous path (generate_one per request): the answer says "repetition" and
+    capguard_repetition_stops_total{engine="vllm"} counts it; a request without the option runs to the limit."""
+    from fastapi.testclient import TestClient
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from capguard.models.components import TinySizes, init_checkpoint
+    from capguard.server.app import create_app
+    from capguard.server.settings import Settings
+
+    init_checkpoint(tmp_path / "ckpts" / "loop", "mlp2x_gelu", sizes=TinySizes(llm_hidden=192, llm_layers=3), seed=0)
+    settings = Settings(checkpoints_root=tmp_path / "ckpts", default_checkpoint="loop", engine="vllm",
+                        data_dir=tmp_path / "data", device="cpu", decode_workers=1)
+    video = ROOT / "samples" / "val" / "val-00000.mp4"
+    with TestClient(create_app(settings)) as client:
+        def post(**data):
+            with video.open("rb") as f:
+                return client.post("/caption", files={"video": (video.name, f, "video/mp4")},
+                                   data={"max_new_tokens": "40", **data}).json()
+
+        plain, stopped = post(), post(stop_on_repetition="true")
+        metrics = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(client.get("/metrics").text) for s in family.samples}
+    assert plain["finish_reason"] == "length" and stopped["finish_reason"] == "repetition"
+    assert stopped["decoding"]["stop_on_repetition"] is True
+    assert metrics[("capguard_repetition_stops_total", (("checkpoint", "loop"), ("engine", "vllm")))] == 1
