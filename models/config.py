@@ -111,7 +111,11 @@ class CheckpointConfig:
                 continue
             if not isinstance(value, dict):
                 raise CheckpointError(f"{where}: section {key!r} must be an object")
-            kwargs[key] = typ(**_typed(typ, value, f"{where}:{key}"))
+            known = _typed(typ, value, f"{where}:{key}")
+            try:
+                kwargs[key] = typ(**known)
+            except ValueError as exc:   # a section's own check (GenerationConfig's repetition stop)
+                raise CheckpointError(f"{where}: {exc}") from exc
         config = cls(**kwargs)
         if VIDEO_PLACEHOLDER not in config.prompt:
             raise CheckpointError(f"{where}: prompt must contain the {VIDEO_PLACEHOLDER} placeholder")

@@ -78,7 +78,21 @@ def test_decoding_request_turns_it_on_and_echoes_it():
     assert (echo["stop_on_repetition"], echo["repetition_min_count"], echo["repetition_min_pattern_size"]) == (True, 3, 8)
     assert DecodingRequest(stop_on_repetition=False).apply(STOP).stop_on_repetition is False
     with pytest.raises(ValueError, match="repetition_min_count must be >= 2"):
-        GenerationConfig(repetition_min_count=1)                       # a checkpoint's generation section too
+        GenerationConfig(repetition_min_count=1)
+
+
+def test_a_checkpoint_may_stop_on_repetition_by_default(tmp_path):
+    import json
+
+    from capguard.models.config import CheckpointConfig, CheckpointError
+
+    manifest = json.loads((ROOT / "checkpoints" / "demo" / "capguard.json").read_text())
+    manifest["generation"] |= {"stop_on_repetition": True, "repetition_min_pattern_size": 4}
+    gen = CheckpointConfig.from_dict(manifest).generation
+    assert effective(DecodingRequest().apply(gen))["repetition_min_pattern_size"] == 4
+    manifest["generation"]["repetition_min_count"] = 1
+    with pytest.raises(CheckpointError, match="repetition_min_count must be >= 2"):
+        CheckpointConfig.from_dict(manifest)
 
 
 @pytest.fixture(scope="module")
