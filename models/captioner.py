@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from capguard.models.config import VIDEO_PLACEHOLDER, GenerationConfig
 from capguard.models.encoder import VisionEncoder
-from capguard.models.sampling import plan_calls
+from capguard.models.sampling import finish_reason, plan_calls
 
 IGNORE_INDEX = -100
 
@@ -37,6 +37,8 @@ def static_cache_options() -> dict:
 class Generated:
     text: str
     token_ids: list[int]   # generated ids, EOS excluded
+    # "stop" (EOS), "length" (max_new_tokens), "repetition" (stop_on_repetition ended it); None: not reported
+    finish_reason: str | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -139,21 +141,26 @@ class Captioner(nn.Module):
         pre, suf = self.prompt_embeddings()                             # (P, D), (S, D)
         return torch.cat([pre, visual.to(pre.dtype), suf])
 
-    def finish(self, ids: list[int], limit: int) -> Generated:
+    def finish(self, ids: list[int], limit: int, gen: GenerationConfig | None = None,
+               reason: str | None = None) -> Generated:
         """Generated ids (possibly past EOS or past this row's limit) -> the caption: cut at ``limit`` and
         at the first EOS, decoded without special tokens. Every engine ends its rows here, so the same
-        ids give the same text whichever engine made them."""
+        ids give the same text whichever engine made them. ``reason``: the engine's own finish reason
+        (vLLM reports it); else, with the row's ``gen``, capguard.models.sampling.finish_reason."""
         kept = []
         for tok in ids[:limit]:
             if tok == self.eos_id:
                 break
             kept.append(tok)
-        return Generated(text=self.tokenizer.decode(kept, skip_special_tokens=True).strip(), token_ids=kept)
+        if reason is None and gen is not None:
+            reason = finish_reason(gen, kept, limit)
+        return Generated(text=self.tokenizer.decode(kept, skip_special_tokens=True).strip(), token_ids=kept,
+                         finish_reason=reason)
 
     def generate_options(self, gen: GenerationConfig, max_new_tokens: int) -> dict:
         """HF ``generate`` keyword arguments for one row (capguard.models.sampling: a sampled row draws from its
         own seeded stream, so the hf engine's one-by-one path reproduces a seed as the batched one does)."""
-        [(_, options)] = plan_calls([gen])
+        [(_, options)] = plan_calls([gen], self.eos_id)
         options = options | {"max_new_tokens": max_new_tokens}
         if self.static_cache:
             options.update(static_cache_options())
@@ -174,7 +181,7 @@ class Captioner(nn.Module):
         gens = gen if isinstance(gen, list) else [gen] * len(visual)
         limits = max_new_tokens or [g.max_new_tokens for g in gens]
         results: list[Generated | None] = [None] * len(visual)
-        for rows, options in plan_calls(gens):
+        for rows, options in plan_calls(gens, self.eos_id):
             embeds, mask, _, _ = self.build_inputs([visual[i] for i in rows])
             options = options | {"max_new_tokens": max(limits[i] for i in rows)}
             if self.static_cache:
@@ -182,5 +189,5 @@ class Captioner(nn.Module):
             out = self.llm.generate(inputs_embeds=embeds, attention_mask=mask, pad_token_id=self.pad_id,
                                     eos_token_id=self.eos_id, **options, **extra)   # (b, new) new tokens only
             for i, row in zip(rows, out.tolist(), strict=True):
-                results[i] = self.finish(row, limits[i])
+                results[i] = self.finish(row, limits[i], gens[i])
         return results

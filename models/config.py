@@ -56,6 +56,18 @@ class GenerationConfig:
     top_k: int = 0                 # 0: no top-k limit (sampling only); the same meaning in HF and vLLM
     repetition_penalty: float = 1.0
     seed: int | None = None        # sampling: the row's own random stream (capguard.models.decoding); None: fresh
+    # end a row once its last tokens repeat (vLLM's repetition_detection; capguard.models.sampling on hf): a
+    # caption looping to max_new_tokens costs the whole budget and says nothing more after its second copy
+    stop_on_repetition: bool = False
+    repetition_min_count: int = 2          # copies in a row that stop it (>= 2)
+    # shortest pattern, in tokens, that counts: 8 with 2 copies is models/degenerate.py's "a phrase of >= 8
+    # units said twice back to back"; shorter loops stop once a multiple of them reaches 8 tokens
+    repetition_min_pattern_size: int = 8
+
+    def __post_init__(self):
+        if self.repetition_min_count < 2 or self.repetition_min_pattern_size < 1:
+            raise ValueError(f"generation: repetition_min_count must be >= 2 and repetition_min_pattern_size >= 1, "
+                             f"got {self.repetition_min_count} and {self.repetition_min_pattern_size}")
 
 
 @dataclass
@@ -99,7 +111,11 @@ class CheckpointConfig:
                 continue
             if not isinstance(value, dict):
                 raise CheckpointError(f"{where}: section {key!r} must be an object")
-            kwargs[key] = typ(**_typed(typ, value, f"{where}:{key}"))
+            known = _typed(typ, value, f"{where}:{key}")
+            try:
+                kwargs[key] = typ(**known)
+            except ValueError as exc:   # a section's own check (GenerationConfig's repetition stop)
+                raise CheckpointError(f"{where}: {exc}") from exc
         config = cls(**kwargs)
         if VIDEO_PLACEHOLDER not in config.prompt:
             raise CheckpointError(f"{where}: prompt must contain the {VIDEO_PLACEHOLDER} placeholder")

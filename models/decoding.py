@@ -18,6 +18,12 @@ so one request means the same thing wherever it is made. The rules, each with it
 - A sampled request always has a seed: without one a fresh seed is drawn (< 2**53, so a JavaScript client
   reading the echo keeps it exact) and echoed, so any sampled caption can be reproduced (same seed, same
   video, same checkpoint -> same caption, on the hf engine through capguard.models.sampling).
+- ``stop_on_repetition=true`` ends a row the step its last tokens repeat (``repetition_min_count`` copies in a
+  row of a pattern of at least ``repetition_min_pattern_size`` tokens): vLLM's ``repetition_detection`` on the
+  vllm engine, the same test as a logits processor on the hf engine (capguard.models.sampling), so both stop
+  a row at the same token. The caption is the tokens up to there; its finish reason is ``repetition``. The
+  two tuning fields need ``stop_on_repetition=true`` in the same request, as the sampling fields need
+  ``do_sample``. The longest pattern is not a field: a row of N tokens can only show patterns of N / count.
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ MAX_NUM_BEAMS = 8        # each beam is a sequence in the batch: bounds a reques
 MAX_SEED = 2**64 - 1     # what torch.Generator.manual_seed (and vLLM's per-request seed) accepts
 DRAWN_SEED_BITS = 53     # drawn seeds stay exact in a JSON number read by JavaScript
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "seed")   # act only when do_sample is true
+MAX_REPETITION_COUNT = 16    # copies before a stop: more than this is no longer an early stop at 256 tokens
+MAX_REPETITION_PATTERN = 256   # tokens: the server's max_new_tokens cap; a longer pattern could never repeat
+REPETITION_FIELDS = ("repetition_min_count", "repetition_min_pattern_size")   # act only with stop_on_repetition
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,9 @@ class DecodingRequest:
     num_beams: int | None = None              # [1, MAX_NUM_BEAMS]: beam search width (greedy when 1)
     repetition_penalty: float | None = None   # > 0: divides the logits of tokens already generated (1 = off)
     seed: int | None = None                   # [0, MAX_SEED]: the row's own random stream
+    stop_on_repetition: bool | None = None    # end the row once its last tokens repeat (finish reason "repetition")
+    repetition_min_count: int | None = None   # [2, MAX_REPETITION_COUNT]: copies in a row that stop it
+    repetition_min_pattern_size: int | None = None   # [1, MAX_REPETITION_PATTERN]: tokens in the shortest pattern
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -64,6 +76,10 @@ class DecodingRequest:
             "num_beams": (lambda v: 1 <= v <= MAX_NUM_BEAMS, f"must be between 1 and {MAX_NUM_BEAMS}"),
             "repetition_penalty": (lambda v: v > 0, "must be > 0 (1: no penalty)"),
             "seed": (lambda v: 0 <= v <= MAX_SEED, f"must be between 0 and {MAX_SEED} (a 64-bit unsigned int)"),
+            "repetition_min_count": (lambda v: 2 <= v <= MAX_REPETITION_COUNT,
+                                     f"must be between 2 and {MAX_REPETITION_COUNT} (copies in a row)"),
+            "repetition_min_pattern_size": (lambda v: 1 <= v <= MAX_REPETITION_PATTERN,
+                                            f"must be between 1 and {MAX_REPETITION_PATTERN} (tokens)"),
         }
         for name, value in self.given().items():
             if name in checks and not checks[name][0](value):
@@ -73,6 +89,11 @@ class DecodingRequest:
                 if getattr(self, name) is not None:
                     problems.append(f"{name} needs do_sample=true (it only acts when sampling); "
                                     f"send do_sample=true or leave {name} out")
+        if self.stop_on_repetition is not True:
+            for name in REPETITION_FIELDS:
+                if getattr(self, name) is not None:
+                    problems.append(f"{name} needs stop_on_repetition=true (it only tunes that stop); "
+                                    f"send stop_on_repetition=true or leave {name} out")
         if self.do_sample is True and self.num_beams is not None and self.num_beams > 1:
             problems.append(f"num_beams={self.num_beams} with do_sample=true: beam search keeps the likeliest "
                             "sequences while sampling draws one at random; use one or the other")
@@ -105,19 +126,23 @@ def draw_seed() -> int:
 def effective(gen: GenerationConfig) -> dict:
     """The decoding a caption was made with, as a response echoes it and the caption log keeps it.
 
-    Sampling-only fields are None for a greedy or beam-search caption (they did not act).
-    Example: greedy -> {"do_sample": False, "temperature": None, "top_p": None, "top_k": None,
-    "num_beams": 1, "repetition_penalty": 1.0, "seed": None}.
+    Sampling-only fields are None for a greedy or beam-search caption (they did not act), and the repetition
+    stop's two figures are None when it was off. Example: greedy -> {"do_sample": False, "temperature": None,
+    "top_p": None, "top_k": None, "num_beams": 1, "repetition_penalty": 1.0, "seed": None,
+    "stop_on_repetition": False, "repetition_min_count": None, "repetition_min_pattern_size": None}.
     """
-    sampled = bool(gen.do_sample)
+    sampled, stops = bool(gen.do_sample), bool(gen.stop_on_repetition)
     return {"do_sample": sampled,
             "temperature": float(gen.temperature) if sampled else None,
             "top_p": float(gen.top_p) if sampled else None,
             "top_k": int(gen.top_k) if sampled else None,
             "num_beams": int(gen.num_beams),
             "repetition_penalty": float(gen.repetition_penalty),
-            "seed": gen.seed if sampled else None}
+            "seed": gen.seed if sampled else None,
+            "stop_on_repetition": stops,
+            "repetition_min_count": int(gen.repetition_min_count) if stops else None,
+            "repetition_min_pattern_size": int(gen.repetition_min_pattern_size) if stops else None}
 
 
-__all__ = ["MAX_NUM_BEAMS", "MAX_SEED", "MAX_TEMPERATURE", "SAMPLING_FIELDS", "DecodingRequest", "draw_seed",
-           "effective"]
+__all__ = ["MAX_NUM_BEAMS", "MAX_REPETITION_COUNT", "MAX_REPETITION_PATTERN", "MAX_SEED", "MAX_TEMPERATURE",
+           "REPETITION_FIELDS", "SAMPLING_FIELDS", "DecodingRequest", "draw_seed", "effective"]

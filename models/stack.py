@@ -118,6 +118,7 @@ class CaptionOutput:
     score: float | None            # scorer's caption-video score (SigLIP probability)
     text_emb: np.ndarray | None    # (E,) normalized, for the grounding metric
     video_emb: np.ndarray | None   # (E,)
+    finish_reason: str | None = None   # "stop" | "length" | "repetition" (Generated.finish_reason)
 
     @property
     def num_tokens(self) -> int:
@@ -211,7 +212,7 @@ def outputs(generated: list, scored: tuple | None) -> list[CaptionOutput]:
     return [CaptionOutput(g.text, g.token_ids,
                           None if scores is None else float(scores[i]),
                           None if text_emb is None else text_emb[i],
-                          None if video_emb is None else video_emb[i])
+                          None if video_emb is None else video_emb[i], g.finish_reason)
             for i, g in enumerate(generated)]
 
 

@@ -268,6 +268,9 @@ def finish(state: AppState, jobs: list[CaptionJob], outs: list[CaptionOutput], s
     for loop in loops:
         if loop is not None:
             state.metrics.degenerate.labels(jobs[0].checkpoint, loop.kind).inc()
+    for out in outs:   # the engine ended it early (stop_on_repetition); the detector above still judged the text
+        if out.finish_reason == "repetition":
+            state.metrics.repetition_stops.labels(jobs[0].checkpoint, jobs[0].stack.engine_name).inc()
     return [CaptionResult(out, guard_state, ms, loop)
             for out, guard_state, ms, loop in zip(outs, states, stages_ms, loops, strict=True)]
 

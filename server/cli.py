@@ -77,6 +77,12 @@ def _add_decoding_arguments(p: argparse.ArgumentParser) -> None:
     group.add_argument("--repetition-penalty", type=float, help="> 0 (1: none)")
     group.add_argument("--seed", type=int, help="needs --do-sample; caption: every video, evaluate: video i gets "
                                                 "seed + i (reproducible runs)")
+    group.add_argument("--stop-on-repetition", action=argparse.BooleanOptionalAction, default=None,
+                       help="end a caption once its last tokens repeat (finish_reason repetition)")
+    group.add_argument("--repetition-min-count", type=int, help="copies in a row that stop it, >= 2 (default 2); "
+                                                                "needs --stop-on-repetition")
+    group.add_argument("--repetition-min-pattern-size", type=int, help="tokens in the shortest repeating pattern "
+                                                                       "(default 8); needs --stop-on-repetition")
 
 
 def _decoding(args: argparse.Namespace):
@@ -127,7 +133,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
         for path, sampled, out, gen in zip(paths, metas, outputs, gens, strict=True):
             record = {
                 "video": path, "caption": out.caption, "checkpoint": stack.name, "fingerprint": stack.fingerprint,
-                "decoding": effective(gen),
+                "decoding": effective(gen), "finish_reason": out.finish_reason,
                 "engine": stack.engine_name,
                 "frames": {"count": len(sampled.indices), "indices": sampled.indices,
                            "timestamps_s": [round(t, 4) for t in sampled.timestamps_s], "backend": sampled.backend},

@@ -9,6 +9,7 @@
 | capguard_guard_trips_total                  | counter   | checkpoint, rule | guard rules that tripped          |
 | capguard_fallbacks_total                    | counter   | requested, served | requests answered by another checkpoint (collapse_policy=fallback) |
 | capguard_degenerate_captions_total          | counter   | checkpoint, kind | captions that loop or hit max_new_tokens |
+| capguard_repetition_stops_total             | counter   | checkpoint, engine | captions ended early by stop_on_repetition |
 | capguard_stage_duration_seconds             | histogram | stage            | decode per video; encode, generate, score per batch |
 | capguard_siglip_score                       | histogram | checkpoint       | scorer probability (0-1)          |
 | capguard_batch_size                         | histogram |                  | videos per model call             |
@@ -80,6 +81,9 @@ class Metrics:
                                  "(collapse_policy=fallback)", ["requested", "served"], registry=r)
         self.degenerate = Counter("capguard_degenerate_captions", "Captions that loop or hit max_new_tokens, by kind",
                                   ["checkpoint", "kind"], registry=r)
+        # finish reason "repetition": the engine (vLLM's repetition_detection, or capguard's own on hf) ended the row
+        self.repetition_stops = Counter("capguard_repetition_stops", "Captions ended early by stop_on_repetition",
+                                        ["checkpoint", "engine"], registry=r)
         self.stage_seconds = Histogram("capguard_stage_duration_seconds",
                                        "Pipeline stage time: decode per video, model stages per batch",
                                        ["stage"], buckets=STAGE_BUCKETS, registry=r)
@@ -126,6 +130,7 @@ class Metrics:
             self.trips.labels(checkpoint, rule)
         for kind in KINDS:
             self.degenerate.labels(checkpoint, kind)
+        self.repetition_stops.labels(checkpoint, engine)
 
     def observe_guard(self, checkpoint: str, state, count_trips: bool = True) -> None:
         """Set the window gauges from a GuardState; count the rules that tripped on this observe

@@ -25,6 +25,9 @@ class DecodingFields(BaseModel):
     num_beams: int | None = None
     repetition_penalty: float | None = None
     seed: int | None = None
+    stop_on_repetition: bool | None = None
+    repetition_min_count: int | None = None
+    repetition_min_pattern_size: int | None = None
 
     @model_validator(mode="after")
     def _check(self):
@@ -125,6 +128,9 @@ class Decoding(BaseModel):
     num_beams: int
     repetition_penalty: float
     seed: int | None            # send it back with the same video and checkpoint to get the same caption
+    stop_on_repetition: bool    # the engine ends the caption once its last tokens repeat
+    repetition_min_count: int | None          # copies in a row that stop it; null when the stop is off
+    repetition_min_pattern_size: int | None   # tokens in the shortest pattern that counts; null when off
 
 
 class Fallback(BaseModel):
@@ -190,6 +196,8 @@ class CaptionResponse(BaseModel):
     scores: Scores
     guard: GuardInfo            # the checkpoint's guard right after this caption was observed
     degenerate: DegenerateInfo | None   # the caption loops or was cut at max_new_tokens; null if neither
+    # why generation ended: "stop" (EOS), "length" (max_new_tokens), "repetition" (stop_on_repetition ended it)
+    finish_reason: Literal["stop", "length", "repetition"] | None = None
     timings_ms: Timings
 
 

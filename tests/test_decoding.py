@@ -38,6 +38,12 @@ def stack(tmp_path_factory):
     ({"temperature": 0.7}, "temperature needs do_sample=true"),
     ({"seed": 3, "do_sample": False}, "seed needs do_sample=true"),
     ({"do_sample": True, "num_beams": 3}, "num_beams=3 with do_sample=true"),
+    ({"stop_on_repetition": True, "repetition_min_count": 1}, "repetition_min_count must be between 2 and 16"),
+    ({"stop_on_repetition": True, "repetition_min_pattern_size": 0}, "repetition_min_pattern_size must be between 1"),
+    ({"stop_on_repetition": True, "repetition_min_pattern_size": 257}, "repetition_min_pattern_size must be between 1"),
+    ({"repetition_min_count": 3}, "repetition_min_count needs stop_on_repetition=true"),
+    ({"stop_on_repetition": False, "repetition_min_pattern_size": 4},
+     "repetition_min_pattern_size needs stop_on_repetition=true"),
 ])
 def test_invalid_requests_say_what_is_wrong(fields, needle):
     with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(".", r"\.")):
@@ -54,7 +60,9 @@ def test_apply_keeps_defaults_and_sets_the_mode():
     assert (beams.do_sample, beams.num_beams, beams.seed) == (False, 3, None)
     assert DecodingRequest().apply(GREEDY) == GREEDY
     assert effective(GREEDY) == {"do_sample": False, "temperature": None, "top_p": None, "top_k": None,
-                                 "num_beams": 1, "repetition_penalty": 1.0, "seed": None}
+                                 "num_beams": 1, "repetition_penalty": 1.0, "seed": None,
+                                 "stop_on_repetition": False, "repetition_min_count": None,
+                                 "repetition_min_pattern_size": None}
     assert effective(sampled)["temperature"] == 0.7 and effective(sampled)["seed"] == sampled.seed
 
 

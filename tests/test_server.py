@@ -70,7 +70,8 @@ def test_caption_answers_with_every_field(client, video_files, tmp_dir_empty):
     assert r.status_code == 200, r.text
     body = r.json()
     assert set(body) == {"caption", "checkpoint", "fingerprint", "video_sha256", "frames", "scores", "guard",
-                         "timings_ms", "degenerate", "decoding", "fallback"}
+                         "timings_ms", "degenerate", "decoding", "fallback", "finish_reason"}
+    assert body["finish_reason"] in ("stop", "length")   # no stop_on_repetition asked
     # the tests' random-weight demo often loops: the answer says so, as the library judges the caption
     judged = degeneration(body["caption"])
     if judged is None:

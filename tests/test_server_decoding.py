@@ -46,12 +46,16 @@ def test_decoding_is_echoed_logged_and_a_seed_reproduces(server_settings, video_
     with TestClient(create_app(settings)) as client:
         greedy = post(client, video_files[0], max_new_tokens=6).json()
         assert greedy["decoding"] == {"do_sample": False, "temperature": None, "top_p": None, "top_k": None,
-                                      "num_beams": 1, "repetition_penalty": 1.0, "seed": None}
+                                      "num_beams": 1, "repetition_penalty": 1.0, "seed": None,
+                                      "stop_on_repetition": False, "repetition_min_count": None,
+                                      "repetition_min_pattern_size": None}
         assert greedy["fallback"] is None
         fields = {"do_sample": "true", "temperature": "1.5", "top_k": "50", "seed": "123", "max_new_tokens": 8}
         first = post(client, video_files[1], **fields).json()
         assert first["decoding"] == {"do_sample": True, "temperature": 1.5, "top_p": 1.0, "top_k": 50,
-                                     "num_beams": 1, "repetition_penalty": 1.0, "seed": 123}
+                                     "num_beams": 1, "repetition_penalty": 1.0, "seed": 123,
+                                     "stop_on_repetition": False, "repetition_min_count": None,
+                                     "repetition_min_pattern_size": None}
         again = post(client, video_files[1], **fields).json()
         assert again["caption"] == first["caption"]
         drawn = post(client, video_files[2], do_sample="true", max_new_tokens=4).json()["decoding"]["seed"]

@@ -78,7 +78,7 @@ class HFEngine:
         finally:
             self._pending.discard(request_id)
             self._aborted.discard(request_id)
-        return cap.finish(out[0].tolist(), limit)
+        return cap.finish(out[0].tolist(), limit, gen)
 
     async def abort(self, request_id: str) -> None:
         if request_id in self._pending:

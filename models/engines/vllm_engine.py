@@ -104,10 +104,29 @@ class VLLMOptions:
         return options
 
 
+def repetition_detection(gen: GenerationConfig, max_tokens: int):
+    """vLLM's RepetitionDetectionParams for ``stop_on_repetition`` (None when off). The longest pattern is the
+    longest that can show ``repetition_min_count`` copies within ``max_tokens`` (capguard.models.sampling
+    tests the same sizes on the hf engine). Needs vLLM >= 0.17."""
+    if not gen.stop_on_repetition:
+        return None
+    try:
+        from vllm.sampling_params import RepetitionDetectionParams
+    except ImportError:
+        import vllm
+
+        raise EngineError(f"stop_on_repetition needs vLLM >= 0.17 (repetition_detection); this is vLLM "
+                          f"{vllm.__version__}: upgrade it or use the hf engine") from None
+    smallest = gen.repetition_min_pattern_size
+    return RepetitionDetectionParams(max_pattern_size=max(smallest, max_tokens // gen.repetition_min_count),
+                                     min_pattern_size=smallest, min_count=gen.repetition_min_count)
+
+
 def sampling_params(gen: GenerationConfig, max_tokens: int, stop_ids: list[int]):
     """vLLM SamplingParams for a GenerationConfig: greedy is temperature 0; ``stop_ids`` (the tokenizer's EOS,
-    when inside the vocabulary: vLLM rejects others) stop the row, and Captioner.finish cuts them. Beam
-    search is not a vLLM sampling mode: asking for it is an error."""
+    when inside the vocabulary: vLLM rejects others) stop the row, and Captioner.finish cuts them;
+    ``stop_on_repetition`` is vLLM's repetition_detection (a stopped row's finish_reason is "repetition").
+    Beam search is not a vLLM sampling mode: asking for it is an error."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -125,6 +144,8 @@ def sampling_params(gen: GenerationConfig, max_tokens: int, stop_ids: list[int])
         options["temperature"] = 0.0
     if getattr(gen, "min_new_tokens", None):   # a config that forces a length (bench/bench_engines.py)
         options["min_tokens"] = gen.min_new_tokens
+    if gen.stop_on_repetition:
+        options["repetition_detection"] = repetition_detection(gen, max_tokens)
     return SamplingParams(**options)
 
 
@@ -269,7 +290,8 @@ class VLLMEngine:
             raise EngineError(f"vllm request {request_id} failed: {type(exc).__name__}: {exc}") from exc
         if final is None or not final.outputs:
             raise EngineError(f"vllm request {request_id} ended without output")
-        return self.captioner.finish(list(final.outputs[0].token_ids), limit)
+        out = final.outputs[0]   # finish_reason: "stop" | "length" | "repetition" (vLLM >= 0.17)
+        return self.captioner.finish(list(out.token_ids), limit, reason=out.finish_reason)
 
     def _prompt(self, embeds: torch.Tensor) -> torch.Tensor:
         """(L, D_llm) in the engine's dtype, on the CPU (vLLM serialises it to the engine core)."""

@@ -13,7 +13,14 @@ from dataclasses import replace
 
 from fastapi import APIRouter, Request
 
-from capguard.models.decoding import MAX_NUM_BEAMS, MAX_SEED, MAX_TEMPERATURE, effective
+from capguard.models.decoding import (
+    MAX_NUM_BEAMS,
+    MAX_REPETITION_COUNT,
+    MAX_REPETITION_PATTERN,
+    MAX_SEED,
+    MAX_TEMPERATURE,
+    effective,
+)
 from capguard.server.captioning import (
     CaptionJob,
     cancel_on_disconnect,
@@ -59,6 +66,12 @@ UPLOAD_SCHEMA = {"requestBody": {"required": True, "content": {"multipart/form-d
         "repetition_penalty": {"type": "number", "exclusiveMinimum": 0},
         "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED,
                  "description": "needs do_sample=true; same seed + video + checkpoint -> same caption"},
+        "stop_on_repetition": {"type": "boolean", "description": "end the caption once its last tokens repeat "
+                                                                 "(finish_reason \"repetition\")"},
+        "repetition_min_count": {"type": "integer", "minimum": 2, "maximum": MAX_REPETITION_COUNT,
+                                 "description": "needs stop_on_repetition=true; copies in a row (default 2)"},
+        "repetition_min_pattern_size": {"type": "integer", "minimum": 1, "maximum": MAX_REPETITION_PATTERN,
+                                        "description": "needs stop_on_repetition=true; tokens (default 8)"},
     }}}}}}
 
 
@@ -95,5 +108,6 @@ async def caption(request: Request, state: State) -> CaptionResponse:
         frames=FramesInfo(count=len(video.indices), indices=video.indices, timestamps_s=video.timestamps_s),
         scores=Scores(siglip=out.score), guard=GuardInfo.model_validate(result.guard.to_dict()),
         degenerate=None if result.degenerate is None else DegenerateInfo(**result.degenerate.to_dict()),
+        finish_reason=out.finish_reason,
         timings_ms=Timings(decode=decode_ms, total=round((time.perf_counter() - started) * 1000, 3),
                            **{k: result.stages_ms.get(k, 0.0) for k in ("encode", "generate", "score")}))
