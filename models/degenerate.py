@@ -29,10 +29,13 @@ import numpy as np
 
 from capguard.models.diversity import caption_key, normalize_caption
 
-KINDS = ("repeated_sentence", "repeated_ngram", "token_limit")  # the ``kind`` values, for counters and tests
+# the ``kind`` values, for counters and tests. repetition_stop: the engine ended the row because its tokens
+# repeated (the stop_on_repetition decoding option) and the text it left is too short for the detector below
+KINDS = ("repeated_sentence", "repeated_ngram", "token_limit", "repetition_stop")
 # The kinds that are loops: what the guard's degenerate_share counts. A caption merely cut at max_new_tokens
 # is not one (a healthy captioner with a tight limit is cut often); it is still returned and counted per kind.
-LOOP_KINDS = ("repeated_sentence", "repeated_ngram")
+# A row stopped for repeating is one: else turning stop_on_repetition on would hide a looping checkpoint.
+LOOP_KINDS = ("repeated_sentence", "repeated_ngram", "repetition_stop")
 
 # Thresholds, in units (Hangul syllable = 1, other word = LATIN_WORD_UNITS); each with its reason.
 # Three copies in a row covering >= 7 units: natural text does not ("반짝반짝" is 2 copies of 2, "하하하"
@@ -182,3 +185,17 @@ def degenerate_share(kinds: Sequence[str | None]) -> float:
 
 
 __all__ = ["KINDS", "LOOP_KINDS", "Degeneration", "degenerate_share", "degeneration", "units"]
+
+
+def repetition_stop() -> Degeneration:
+    """A row the engine stopped because its last tokens repeated, where the text left reads clean to
+    ``degeneration`` (8 repeated tokens of a byte-level tokenizer can be 3 syllables)."""
+    return Degeneration("repetition_stop", 0, 0.0, 0.0, "", False)
+
+
+def judge(caption: str, num_tokens: int | None = None, max_new_tokens: int | None = None,
+          finish_reason: str | None = None) -> Degeneration | None:
+    """``degeneration`` of the text, else ``repetition_stop`` when the engine ended the row for repeating
+    (finish_reason "repetition", the stop_on_repetition option): what the server counts and the guard sees."""
+    found = degeneration(caption, num_tokens, max_new_tokens)
+    return found if found is not None or finish_reason != "repetition" else repetition_stop()

@@ -38,7 +38,7 @@ import torch
 from capguard.models.captioner import Generated
 from capguard.models.config import GenerationConfig
 from capguard.models.decoding import effective
-from capguard.models.degenerate import Degeneration, degeneration
+from capguard.models.degenerate import Degeneration, judge
 from capguard.models.engines import EngineError
 from capguard.models.stack import CaptionOutput, CaptionStack, outputs
 from capguard.server.batcher import QueueFull
@@ -261,14 +261,14 @@ def finish(state: AppState, jobs: list[CaptionJob], outs: list[CaptionOutput], s
     stages_ms = [{stage: round(seconds * 1000, 3) for stage, seconds in st.items()} for st in stages]
     log_captions(state, jobs, outs, stages_ms)
     guard = state.guards.get(jobs[0].checkpoint)
-    loops = [degeneration(out.caption, out.num_tokens, job.generation.max_new_tokens)
+    loops = [judge(out.caption, out.num_tokens, job.generation.max_new_tokens, out.finish_reason)
              for job, out in zip(jobs, outs, strict=True)]
     states = [observe(guard, job, out, loop) for job, out, loop in zip(jobs, outs, loops, strict=True)]
     record(state, jobs[0].checkpoint, outs, states, batch_stages)
     for loop in loops:
         if loop is not None:
             state.metrics.degenerate.labels(jobs[0].checkpoint, loop.kind).inc()
-    for out in outs:   # the engine ended it early (stop_on_repetition); the detector above still judged the text
+    for out in outs:   # the engine ended it early (stop_on_repetition); the detector above judged the text first
         if out.finish_reason == "repetition":
             state.metrics.repetition_stops.labels(jobs[0].checkpoint, jobs[0].stack.engine_name).inc()
     return [CaptionResult(out, guard_state, ms, loop)
@@ -316,7 +316,8 @@ def log_captions(state: AppState, jobs: list[CaptionJob], outputs: list[CaptionO
         CaptionRecord(checkpoint=job.checkpoint, fingerprint=job.stack.fingerprint, video_sha256=job.video_sha256,
                       caption=out.caption, num_tokens=out.num_tokens, siglip=out.score, text_emb=out.text_emb,
                       video_emb=out.video_emb, timings_ms={"decode": job.decode_ms, **ms, "batch": len(jobs)},
-                      decoding=effective(job.generation) | {"max_new_tokens": job.generation.max_new_tokens})
+                      decoding=effective(job.generation) | {"max_new_tokens": job.generation.max_new_tokens,
+                                                             "finish_reason": out.finish_reason})
         for job, out, ms in zip(jobs, outputs, stages_ms, strict=True)])
 
 

@@ -69,7 +69,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from capguard.models.degenerate import KINDS, LOOP_KINDS, degeneration
+from capguard.models.degenerate import KINDS, LOOP_KINDS, degeneration, judge
 from capguard.models.diversity import (
     DiversityReport,
     SimilarityCache,
@@ -256,7 +256,8 @@ class Guard:
             except KeyError as exc:
                 raise ValueError(f"restore row {i} lacks {exc}; rows need video_sha256 and caption "
                                  "(text_emb, video_emb, siglip optional)") from None
-            kind = getattr(degeneration(caption, raw.get("num_tokens"), raw.get("max_new_tokens")), "kind", None)
+            finish = (raw.get("decoding") or {}).get("finish_reason")   # the caption log keeps how a row ended
+            kind = getattr(judge(caption, raw.get("num_tokens"), raw.get("max_new_tokens"), finish), "kind", None)
             prepared.append((sha, self._make_row(sha, caption, raw.get("text_emb"), raw.get("video_emb"),
                                                  raw.get("siglip"), kind)))
         dims = {row.text_emb.shape[0] for _, row in prepared if row.text_emb is not None}

@@ -177,7 +177,7 @@ class GuardHistoryInfo(BaseModel):
 class DegenerateInfo(BaseModel):
     """Why this caption reads as degenerate (capguard.models.degenerate.Degeneration.to_dict())."""
 
-    kind: Literal["repeated_sentence", "repeated_ngram", "token_limit"]
+    kind: Literal["repeated_sentence", "repeated_ngram", "token_limit", "repetition_stop"]
     period: int                 # units (Hangul syllables; other words weigh 2) in one copy; 0 for token_limit
     repeats: float              # copies in the run, a trailing partial copy as a fraction
     coverage: float             # units inside the run / units in the caption, 0-1

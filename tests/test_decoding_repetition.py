@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from capguard.models.components import init_checkpoint
 from capguard.models.config import GenerationConfig
 from capguard.models.decoding import DecodingRequest, effective
-from capguard.models.degenerate import degeneration
+from capguard.models.degenerate import LOOP_KINDS, degeneration, repetition_stop
 from capguard.models.engines.hf import HFEngine
 from capguard.models.sampling import RepetitionStop, finish_reason, plan_calls, repeating_tail
 from capguard.models.stack import load_stack
@@ -156,6 +156,7 @@ def test_the_server_echoes_counts_and_refuses_bad_fields(server_settings, video_
         assert plain["finish_reason"] == "length" and plain["decoding"]["stop_on_repetition"] is False
         r = post(client, video_files[1], max_new_tokens=LIMIT, stop_on_repetition="true").json()
         assert r["finish_reason"] == "repetition"
+        assert r["degenerate"]["kind"] in LOOP_KINDS   # a stopped loop is still a loop to the guard
         assert (r["decoding"]["repetition_min_count"], r["decoding"]["repetition_min_pattern_size"]) == (2, 8)
         counted = samples(client)
         key = ("capguard_repetition_stops_total", (("checkpoint", "demo"), ("engine", "hf")))
@@ -190,3 +191,15 @@ def test_cli_flags(checkpoints_root, video_files, capsys):
                  "--device", "cpu", "--max-new-tokens", str(LIMIT), "--stop-on-repetition"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["finish_reason"] == "repetition" and record["decoding"]["stop_on_repetition"] is True
+
+
+def test_a_stop_too_short_for_the_detector_is_still_a_loop_to_the_guard():
+    from capguard.server.guard import Guard, GuardSettings
+
+    guard = Guard("g", GuardSettings(window=10, min_captions=4))
+    for i in range(4):   # clean-reading captions the engine cut for repeating
+        state = guard.observe(f"{i:064x}", f"도시 풍경 {i}", degenerate=repetition_stop().kind)
+    assert state.degenerate_share == 1.0 and "degenerate_share" in state.tripped
+    rows = [{"video_sha256": f"{i:064x}", "caption": f"도시 풍경 {i}", "decoding": {"finish_reason": "repetition"}}
+            for i in range(4)]   # as the caption log gives them back after a restart
+    assert Guard("g", GuardSettings(window=10, min_captions=4)).restore(rows).degenerate_share == 1.0

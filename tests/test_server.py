@@ -276,7 +276,7 @@ def test_guard_payload_is_a_schema_in_openapi(client):
     assert {"status", "window_captions", "unique_ratio", "tripped", "modes", "thresholds", "content_unique_ratio",
             "vendi_score", "degenerate_share"} <= set(schemas["GuardInfo"]["properties"])
     assert schemas["DegenerateInfo"]["properties"]["kind"]["enum"] == ["repeated_sentence", "repeated_ngram",
-                                                                       "token_limit"]
+                                                                       "token_limit", "repetition_stop"]
     guard_route = spec["paths"]["/checkpoints/{name}/guard"]["get"]["responses"]["200"]
     assert guard_route["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/GuardInfo"}
 
@@ -345,7 +345,7 @@ def test_metrics_need_their_token_and_follow_design(client, video_files):
     assert 0 <= samples[("capguard_window_degenerate_share", (("checkpoint", "demo"),))] <= 1
     # every kind's series exists from the load, at 0 until a caption of that kind
     assert {dict(k[1])["kind"] for k in samples if k[0] == "capguard_degenerate_captions_total"} == {
-        "repeated_sentence", "repeated_ngram", "token_limit"}
+        "repeated_sentence", "repeated_ngram", "token_limit", "repetition_stop"}
     assert {dict(k[1]).get("stage") for k in samples if k[0] == "capguard_stage_duration_seconds_count"} == {
         "decode", "encode", "generate", "score"}
     # routes are labelled by template, never by the raw path (no per-name or per-video series)
