@@ -4,7 +4,8 @@
 checkpoint, builds and strictly loads each part, and fingerprints the weights. Components are
 cached by resolved path in a ``ComponentCache`` so checkpoints that share an encoder or LLM
 (training epochs) hold one copy in memory, and a scorer on the captioner's own tower reuses its
-forward pass.
+forward pass. With the vllm engine the LLM runs in vLLM's engine core: the stack keeps only the LLM's
+input embeddings and tokenizer (capguard.models.llm_embeddings), not a second copy.
 """
 
 from __future__ import annotations
