@@ -4,7 +4,8 @@
 checkpoint, builds and strictly loads each part, and fingerprints the weights. Components are
 cached by resolved path in a ``ComponentCache`` so checkpoints that share an encoder or LLM
 (training epochs) hold one copy in memory, and a scorer on the captioner's own tower reuses its
-forward pass.
+forward pass. With the vllm engine the LLM runs in vLLM's engine core: the stack keeps only the LLM's
+input embeddings and tokenizer (capguard.models.llm_embeddings), not a second copy.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch.nn as nn
 from capguard.models.captioner import Captioner, static_cache_options
 from capguard.models.config import MANIFEST_NAME, CheckpointConfig, CheckpointError, GenerationConfig
 from capguard.models.encoder import FramePreprocessor, VisionEncoder, frames_to_tensor, load_open_clip
-from capguard.models.engines import Engine
+from capguard.models.engines import Engine, resolve_engine
+from capguard.models.llm_embeddings import load_input_embeddings, load_llm_tokenizer
 from capguard.models.projector import build_projector, projector_state_dict
 from capguard.models.scorer import Scorer, load_tokenizer
 from capguard.models.weights import fingerprint, load_strict, read_state_dict, weight_files
@@ -77,8 +79,21 @@ class ComponentCache:
             self.llms[key] = load_llm(path, device, dtype)
         return self.llms[key]
 
-    def engine(self, name: str | None, captioner: Captioner, path: Path, device: torch.device, dtype: torch.dtype):
-        """The captioner's LLM engine (capguard.models.engines); a vllm engine core lives next to its LLM in
+    def input_embeddings(self, path: Path, device: torch.device, dtype: torch.dtype):
+        """(InputEmbeddingsLLM, tokenizer) of an LLM another engine runs: its input embedding table and tokenizer
+        only (capguard.models.llm_embeddings), kept in ``llms`` (key + "embed") so evictions by path drop it too.
+        When the full LLM is already cached (an hf stack of the same LLM), its table and tokenizer are shared."""
+        key = (path, device, dtype, "embed")
+        if key not in self.llms:
+            full = self.llms.get((path, device, dtype))
+            module = load_input_embeddings(path, device, dtype, None if full is None else full[0].get_input_embeddings(),
+                                           load_full=lambda: load_llm(path, device, dtype)[0])
+            self.llms[key] = (module, full[1] if full is not None else _tokenizer(path))
+        return self.llms[key]
+
+    def engine(self, name: str, captioner: Captioner, path: Path, device: torch.device, dtype: torch.dtype):
+        """The captioner's LLM engine (capguard.models.engines; ``name`` as resolve_engine returns it: "hf" or
+        "vllm"); a vllm engine core lives next to its LLM in
         ``llms`` (key + "vllm"), so checkpoints sharing the LLM share it and evicting the LLM ends it."""
         from capguard.models.engines import build_engine
 
@@ -94,12 +109,12 @@ class ComponentCache:
 
 def load_llm(path: Path, device: torch.device, dtype: torch.dtype):
     """AutoModelForCausalLM + AutoTokenizer from a local dir; any missing/unexpected/mismatched key fails."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if not (path / "config.json").is_file():
         raise CheckpointError(f"LLM directory {path} has no config.json (a transformers model dir is expected)")
+    tokenizer = _tokenizer(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         model, info = AutoModelForCausalLM.from_pretrained(
             str(path), local_files_only=True, dtype=dtype, output_loading_info=True)
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for bad dirs
@@ -107,8 +122,14 @@ def load_llm(path: Path, device: torch.device, dtype: torch.dtype):
     problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if problems:
         raise CheckpointError(f"LLM weights in {path} do not match its config: {problems}")
-    tokenizer.padding_side = "left"
     return model.to(device).eval(), tokenizer
+
+
+def _tokenizer(path: Path):
+    try:
+        return load_llm_tokenizer(path)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for bad dirs
+        raise CheckpointError(f"cannot load the LLM's tokenizer from {path}: {exc}") from exc
 
 
 @dataclass
@@ -226,8 +247,12 @@ def compile_llm(stack: CaptionStack) -> float:
     tens of seconds; tested). Tokens are the eager ones (tested). What it gains and what compiling costs per
     load: bench/RESULTS.md ("torch.compile of the LLM"). An LLM shared by several checkpoints is compiled
     once. When compiling fails (no C++ compiler for the CPU backend, a model torch.compile cannot trace),
-    the LLM stays eager, a warning says why, and 0.0 is returned.
+    the LLM stays eager, a warning says why, and 0.0 is returned. With another engine than hf there is
+    nothing here to compile (vLLM compiles its own LLM; capguard holds only its embeddings): 0.0.
     """
+    if stack.engine_name != "hf":
+        log.info("checkpoint %s: the %s engine runs the LLM; nothing to compile here", stack.name, stack.engine_name)
+        return 0.0
     llm, cap = stack.captioner.llm, stack.captioner
     started = time.perf_counter()
     if not getattr(llm, "_capguard_compiled", False):
@@ -315,7 +340,9 @@ def load_stack(directory: str | Path, device: str = "auto", cache: ComponentCach
         visual, vision_files = clip_model.visual, _clip_weights(vision_path)
     encoder = encoder.to(dev)
     llm_path = resolve(directory, config.llm.path, "llm")
-    llm, tokenizer = cache.llm(llm_path, dev, dtype)
+    # vllm runs the LLM in its engine core: capguard keeps its input embeddings + tokenizer, not a second copy
+    engine_name = resolve_engine(engine, llm_path)
+    llm, tokenizer = (cache.input_embeddings if engine_name == "vllm" else cache.llm)(llm_path, dev, dtype)
     projector_path = resolve(directory, config.projector.weights, "projector weights")
     projector = load_projector(config, projector_path, encoder.width, llm.get_input_embeddings().embedding_dim,
                                encoder.tokens_per_frame)
@@ -333,7 +360,7 @@ def load_stack(directory: str | Path, device: str = "auto", cache: ComponentCach
             scorer_preprocess = FramePreprocessor(scorer_cfg).to(dev)
         files += _clip_weights(scorer_path)
     digest = _combined(cache, files)
-    llm_engine = cache.engine(engine, captioner, llm_path, dev, dtype)
+    llm_engine = cache.engine(engine_name, captioner, llm_path, dev, dtype)
     log.info("loaded checkpoint %s (%s projector, %s, %s, engine %s) fingerprint %s", directory.name,
              config.projector.type, dev, dtype, llm_engine.name, digest[:12])
     return CaptionStack(name or config.name or directory.name, directory, config, captioner, scorer,

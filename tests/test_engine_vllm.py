@@ -54,6 +54,23 @@ def test_usage_stats_stay_off_and_kv_space_is_bounded(cache):
     assert not config.cache_config.enable_prefix_caching
 
 
+def test_vllm_stack_keeps_only_the_llms_input_embeddings(cache):
+    """vLLM holds the LLM; the capguard process keeps its (V, D) input embedding table and tokenizer, not a
+    second full model (issue 14: a 7B LLM twice on one GPU). Runs before any hf stack fills the cache."""
+    from capguard.models.llm_embeddings import InputEmbeddingsLLM
+    from capguard.models.stack import compile_llm, load_stack
+
+    stack = load_stack(ROOT / "checkpoints" / "demo", device="cpu", cache=cache, engine="vllm")
+    llm = stack.captioner.llm
+    vocab, dim = llm.config.vocab_size, llm.config.hidden_size
+    assert isinstance(llm, InputEmbeddingsLLM)
+    assert sum(p.numel() for p in llm.parameters()) == vocab * dim      # the demo LLM has ~24x as many
+    assert not [key for key in cache.llms if len(key) == 3]             # no (path, device, dtype): no full LLM
+    assert compile_llm(stack) == 0.0                                     # vLLM compiles its own; nothing here
+    with pytest.raises(RuntimeError, match="engine='hf'"):
+        stack.captioner.llm.generate()
+
+
 @pytest.mark.parametrize("checkpoint", ["demo", "collapsed"])
 def test_parity_with_hf_one_by_one_and_same_verdict(checkpoint, cache, frames):
     from capguard.models.engines.parity import compare_engines
@@ -77,7 +94,8 @@ def test_requests_leave_when_done_and_abort(cache, frames):
         pixels = stack.pixels(frames[:3], cap.encoder.preprocess)
         visual = cap.project(cap.visual_tokens(pixels, [len(f) for f in frames[:3]]))
     prompts = [cap.sequence(v) for v in visual]                       # (L, D_llm) each
-    reference = cap.generate(visual[:1], gen)[0]
+    hf = load_stack(ROOT / "checkpoints" / "demo", device="cpu", cache=cache, engine="hf")
+    reference = hf.captioner.generate(visual[:1], gen)[0]   # the vllm stack's captioner holds no HF LLM to run
 
     async def scenario():
         done: list[str] = []

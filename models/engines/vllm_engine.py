@@ -62,8 +62,8 @@ class VLLMOptions:
     # CPU: whole GiB of KV cache (VLLM_CPU_KVCACHE_SPACE, an integer to vLLM). Unset, vLLM reserved 21 of this
     # machine's 24 GiB; 2 GiB hold ~4k tokens of a 7B-shaped LLM's bf16 KV (2k in fp32), ~460k of the demo LLM's
     kv_cache_gib: int = 2
-    # GPU: share of the GPU vLLM may take (weights + KV + graphs); the rest is capguard's encoder, scorer
-    # and its own copy of the LLM (embedding table, hf fall-back)
+    # GPU: share of the GPU vLLM may take (weights + KV + graphs); the rest is capguard's encoder, projector,
+    # scorer and the LLM's input embedding table (capguard.models.llm_embeddings: no second copy of the LLM)
     gpu_memory_utilization: float = 0.5
     max_num_seqs: int = 32          # requests in the running batch; more wait in vLLM's queue
     max_model_len: int = 4096       # prompt + caption tokens; capped at the LLM's max_position_embeddings
