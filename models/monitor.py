@@ -1,6 +1,6 @@
 """Watch a training run's captions and say when to stop: the guard's rules applied at every evaluation.
 
-    monitor = DiversityMonitor(generate, probe_videos, ids=probe_ids, out_dir="runs/x", patience=2)
+    monitor = DiversityMonitor(generate, probe_videos, ids=probe_ids, out_dir="runs/x")   # patience 3
     result = monitor.evaluate(epoch=3)        # captions the probe set, writes runs/x/captions-epoch-3.jsonl
     result.metrics()                          # {"capguard/unique_ratio": 0.04, ..., "capguard/collapsed": 1.0}
     if result.should_stop: ...                # `patience` collapsed, non-recovering evaluations in a row; .reason says why
@@ -31,7 +31,7 @@ and below the MLP's first recovering step (top-mode share 0.55 -> 0.33). The sto
 rules and the figures' trend over the streak, and says when SigLIP rose meanwhile (the field report's trap:
 the generic caption fits every video, so SigLIP rewards it). Limit: a run whose diversity swings by
 ``min_recovery`` or more every other evaluation is never stopped; collapse does not look like that (the
-field report's run moved by at most 5 of 97 between epochs).
+field report's run moved by at most 3 of 97 between epochs).
 
 ``generate(videos) -> captions``: whatever the user's model needs; it gets the probe set exactly as given
 (paths, frame arrays, dataset rows) and returns one caption per video, either strings or objects with a
@@ -221,8 +221,8 @@ class DiversityMonitor:
         siglip = ""
         if base.siglip_mean is not None and result.siglip_mean is not None:
             siglip = f"; SigLIP {base.siglip_mean:.3f} -> {result.siglip_mean:.3f}"
-        streak = self.history[base.index:] + [result]                  # the streak's evaluations, oldest first
-        traps = [r for r in streak if r.siglip_up_diversity_down]
+        counted = self.history[base.index:] + [result]                 # the streak's evaluations, oldest first
+        traps = [r for r in counted if r.siglip_up_diversity_down]
         if traps:
             siglip += (f"; SigLIP rose while diversity fell at {', '.join(_when(r) for r in traps)}: the field "
                        f"report's trap (a generic caption fits every video, so SigLIP rewards it)")
