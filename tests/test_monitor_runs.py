@@ -56,7 +56,7 @@ def c_abstractor():
 
 def test_recorded_runs_are_whole():
     """97 captions per epoch; the C-Abstractor ran on past its stop (so the test sees what stopping skipped)."""
-    for run, n in (("c-abstractor", 15), ("mlp-2l", 9)):
+    for run, n in (("c-abstractor", 15), ("mlp-2l", 9), ("mlp-2l-demo", 21)):
         recorded = epochs(run)
         assert [e for e, _ in recorded] == list(range(1, n + 1))
         assert all(len(rows) == 97 for _, rows in recorded)
@@ -74,7 +74,7 @@ def test_c_abstractor_run_stops_at_epoch_4_and_says_why(c_abstractor, caplog):
     assert "trend epoch 1 -> epoch 4" in reason and "SigLIP 0.013 -> 0.012" in reason
 
 
-@pytest.mark.parametrize("run", ["mlp-2l"])
+@pytest.mark.parametrize("run", ["mlp-2l", "mlp-2l-demo"])
 def test_mlp_runs_are_never_stopped(run):
     results = replay(run)
     assert len(results) == len(epochs(run)) and not any(r.should_stop for r in results)
@@ -85,10 +85,17 @@ def test_mlp_runs_are_never_stopped(run):
     assert max(r.streak for r in results) < 3
 
 
+def test_the_demo_recipe_turns_healthy():
+    """The recipe of checkpoints/demo: collapsed by the guard's lines until epoch 12, healthy from 13 on."""
+    results = replay("mlp-2l-demo")
+    assert [bool(r.tripped) for r in results] == [True] * 12 + [False] * 9
+    assert results[-1].report.unique >= 90 and results[-1].streak == 0
+
+
 def test_counting_collapse_alone_would_stop_the_healthy_runs():
     """The problem the rule solves: with no recovery possible (min_recovery 1.0) every collapsed epoch after
     the first counts, and both MLP runs stop in their projector-only stage, like the C-Abstractor."""
-    for run in ("mlp-2l",):
+    for run in ("mlp-2l", "mlp-2l-demo"):
         assert replay(run, min_recovery=1.0)[-1].epoch == 4
     assert replay("mlp-2l", patience=2)[-1].epoch == 3       # and patience 2 is too short even with the rule
 
