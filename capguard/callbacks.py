@@ -3,7 +3,7 @@
     from capguard.callbacks import DiversityCallback
     trainer = Trainer(model=model, args=TrainingArguments(..., eval_strategy="epoch"), ...)
     DiversityCallback(generate, probe_videos, ids=probe_ids).attach(trainer)
-    trainer.train()      # stops by itself after 3 collapsed, non-recovering evaluations in a row, saying why
+    trainer.train()      # stops by itself after 4 collapsed, non-recovering evaluations in a row, saying why
 
     from capguard.callbacks import LightningDiversityCallback   # needs `pip install capguard[lightning]`
     L.Trainer(callbacks=[LightningDiversityCallback(generate, probe_videos)]).fit(module)
@@ -75,7 +75,7 @@ class DiversityCallback(TrainerCallback):
     """
 
     def __init__(self, generate: Generate | None = None, videos: Sequence | None = None, *, ids=None,
-                 references=None, video_paths=None, out_dir=None, patience: int | None = 3, ignore_first: int = 0,
+                 references=None, video_paths=None, out_dir=None, patience: int | None = 4, ignore_first: int = 0,
                  min_recovery: float = MIN_RECOVERY, thresholds: GuardThresholds | None = None, prefix: str = PREFIX,
                  trainer=None, monitor: DiversityMonitor | None = None):
         self.monitor = _monitor(generate, videos, monitor, ids=ids, references=references,
@@ -142,7 +142,7 @@ def _build_lightning_callback():
         log_dir (else default_root_dir). The sanity-check validation is skipped."""
 
         def __init__(self, generate: Generate | None = None, videos: Sequence | None = None, *, ids=None,
-                     references=None, video_paths=None, out_dir=None, patience: int | None = 3,
+                     references=None, video_paths=None, out_dir=None, patience: int | None = 4,
                      ignore_first: int = 0, min_recovery: float = MIN_RECOVERY, thresholds: GuardThresholds | None = None,
                      prefix: str = PREFIX, monitor: DiversityMonitor | None = None):
             super().__init__()

@@ -86,8 +86,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     patience: int = 3                  # early stopping on validation loss
     # stop after this many epochs in a row that are collapsed and not recovering (DiversityMonitor's patience;
-    # None: report only). 3 lets the MLP-2L recipe's projector-only dip (40, 23, 9 of 97) pass and stops the
-    # C-Abstractor recipe at epoch 4 (tests/test_monitor_runs.py replays both recorded runs)
+    # None: report only). 4 lets the MLP-2L recipes' projector-only dip (40, 23, 9 of 97) and their slow first
+    # stage-2 epoch pass and stops the C-Abstractor recipe at epoch 5 (tests/test_monitor_runs.py replays them)
     stop_on_collapse: int | None = None
     # epochs not counted towards stop_on_collapse on top of the first (which is the recovery baseline); 0 stops
     # a run that collapses from its first epoch on, as the field report's C-Abstractor did, earliest
