@@ -2,18 +2,20 @@
 
     from capguard.callbacks import DiversityCallback
     trainer = Trainer(model=model, args=TrainingArguments(..., eval_strategy="epoch"), ...)
-    DiversityCallback(generate, probe_videos, ids=probe_ids, patience=2).attach(trainer)
-    trainer.train()      # stops by itself after 2 collapsed evaluations in a row, saying which rules tripped
+    DiversityCallback(generate, probe_videos, ids=probe_ids).attach(trainer)
+    trainer.train()      # stops by itself after 4 collapsed, non-recovering evaluations in a row, saying why
 
     from capguard.callbacks import LightningDiversityCallback   # needs `pip install capguard[lightning]`
-    L.Trainer(callbacks=[LightningDiversityCallback(generate, probe_videos, patience=2)]).fit(module)
+    L.Trainer(callbacks=[LightningDiversityCallback(generate, probe_videos)]).fit(module)
 
 Both wrap one ``capguard.models.monitor.DiversityMonitor`` (the core ``capguard train`` uses): at each
 evaluation they caption the fixed probe set with ``generate(videos) -> captions`` (the model being
 trained; ``stack_generate`` / ``captioner_generate`` make one for capguard's own models), compute the
 guard's figures (capguard.models.diversity), log them through the trainer's loggers, write
 ``captions-epoch-N.jsonl`` (the ``capguard evaluate --captions`` format; default directory: the trainer's
-output / log directory), and stop training after ``patience`` collapsed evaluations in a row.
+output / log directory), and stop training after ``patience`` evaluations in a row that are collapsed and
+not recovering (no collapse figure up ``min_recovery`` on the previous evaluation: a run climbing out of a
+dip is left alone; see capguard.models.monitor for the rule and the recorded runs behind its defaults).
 
 Logging. transformers: the figures go through ``trainer.log`` (every ``report_to`` integration sees them:
 TensorBoard, W&B, MLflow, ...) and into the evaluation's metrics as ``eval_capguard/...`` (usable as
@@ -36,6 +38,7 @@ from collections.abc import Sequence
 from transformers import TrainerCallback
 
 from capguard.models.monitor import (
+    MIN_RECOVERY,
     DiversityMonitor,
     Generate,
     MonitorResult,
@@ -66,18 +69,18 @@ def _whole_epoch(epoch: float | None) -> int | None:
 class DiversityCallback(TrainerCallback):
     """A transformers ``TrainerCallback``: the probe set's diversity at every evaluation, a stop on collapse.
 
-    generate, videos, ids, references, video_paths, out_dir, patience, ignore_first, thresholds: as in
-    ``DiversityMonitor`` (or pass a ready ``monitor``). out_dir None: ``args.output_dir``. Runs on
+    generate, videos, ids, references, video_paths, out_dir, patience, ignore_first, min_recovery, thresholds:
+    as in ``DiversityMonitor`` (or pass a ready ``monitor``). out_dir None: ``args.output_dir``. Runs on
     ``on_evaluate``; with ``eval_strategy="no"`` on every epoch end instead.
     """
 
     def __init__(self, generate: Generate | None = None, videos: Sequence | None = None, *, ids=None,
-                 references=None, video_paths=None, out_dir=None, patience: int | None = 2, ignore_first: int = 0,
-                 thresholds: GuardThresholds | None = None, prefix: str = PREFIX, trainer=None,
-                 monitor: DiversityMonitor | None = None):
+                 references=None, video_paths=None, out_dir=None, patience: int | None = 4, ignore_first: int = 0,
+                 min_recovery: float = MIN_RECOVERY, thresholds: GuardThresholds | None = None, prefix: str = PREFIX,
+                 trainer=None, monitor: DiversityMonitor | None = None):
         self.monitor = _monitor(generate, videos, monitor, ids=ids, references=references,
                                 video_paths=video_paths, out_dir=out_dir, patience=patience,
-                                ignore_first=ignore_first, thresholds=thresholds)
+                                ignore_first=ignore_first, min_recovery=min_recovery, thresholds=thresholds)
         self.prefix, self.trainer = prefix, trainer
         self.stopped: MonitorResult | None = None   # the evaluation that stopped training, if one did
         self._warned_unbound = False
@@ -139,13 +142,13 @@ def _build_lightning_callback():
         log_dir (else default_root_dir). The sanity-check validation is skipped."""
 
         def __init__(self, generate: Generate | None = None, videos: Sequence | None = None, *, ids=None,
-                     references=None, video_paths=None, out_dir=None, patience: int | None = 2,
-                     ignore_first: int = 0, thresholds: GuardThresholds | None = None, prefix: str = PREFIX,
-                     monitor: DiversityMonitor | None = None):
+                     references=None, video_paths=None, out_dir=None, patience: int | None = 4,
+                     ignore_first: int = 0, min_recovery: float = MIN_RECOVERY, thresholds: GuardThresholds | None = None,
+                     prefix: str = PREFIX, monitor: DiversityMonitor | None = None):
             super().__init__()
             self.monitor = _monitor(generate, videos, monitor, ids=ids, references=references,
                                     video_paths=video_paths, out_dir=out_dir, patience=patience,
-                                    ignore_first=ignore_first, thresholds=thresholds)
+                                    ignore_first=ignore_first, min_recovery=min_recovery, thresholds=thresholds)
             self.prefix = prefix
             self.stopped: MonitorResult | None = None
 

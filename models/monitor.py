@@ -1,9 +1,9 @@
 """Watch a training run's captions and say when to stop: the guard's rules applied at every evaluation.
 
-    monitor = DiversityMonitor(generate, probe_videos, ids=probe_ids, out_dir="runs/x", patience=2)
+    monitor = DiversityMonitor(generate, probe_videos, ids=probe_ids, out_dir="runs/x")   # patience 4
     result = monitor.evaluate(epoch=3)        # captions the probe set, writes runs/x/captions-epoch-3.jsonl
     result.metrics()                          # {"capguard/unique_ratio": 0.04, ..., "capguard/collapsed": 1.0}
-    if result.should_stop: ...                # `patience` collapsed evaluations in a row; result.reason says why
+    if result.should_stop: ...                # `patience` collapsed, non-recovering evaluations in a row; .reason says why
 
 The field report's lesson is that diversity monitoring caught the collapse at epoch 1 while SigLIP kept
 rising; this module is that monitor, framework-free. ``capguard train`` calls ``observe`` with the captions
@@ -12,6 +12,31 @@ and for Lightning. Figures and verdicts come from capguard.models.diversity (``d
 ``tripped_rules``), the same functions as the server's guard and the evaluation reports, and each
 evaluation's captions are written in the caption-file format (capguard.models.captions_file), so
 ``capguard evaluate --captions runs/x/captions-epoch-*.jsonl`` reports the run afterwards.
+
+When to stop. The guard's lines are drawn for a model being served; a model being trained sits below them
+for a while even when the run is healthy. Recorded ``capguard train`` runs (tests/data/train-runs, 97
+validation videos): the MLP-2L recipes, which end healthy, write 40, 23, 9 distinct captions in their
+projector-only stage 1 (falling, as the projector first lands on the frozen LM's favourite sentences), then
+climb once stage 2 fine-tunes the LM (12 or 14, then 23-33, ...): every one of their first nine epochs
+breaks a guard rule. The C-Abstractor recipe writes 4, 1, 2, 2, 2 with one caption cluster covering all 97
+videos, and the field report's run 9, 6, 4, 1, 4, 6. What separates them is not the level but whether the
+run is getting out of it. So an evaluation counts towards ``patience`` only when it is collapsed (a guard
+rule tripped) **and not recovering**: no collapse figure (``RECOVERY_FIGURES``: unique, near-unique and
+content-unique ratios, top-mode share, grounding R@1) improved on the previous evaluation's by
+``min_recovery``. A healthy or recovering evaluation resets the streak; the first evaluation is the
+baseline (nothing to compare with) and never counts.
+
+The defaults. ``min_recovery`` 0.05 (5 videos of 97) sits above a collapsed run's epoch-to-epoch jitter (the
+C-Abstractor's stage 1 moves by at most 0.01 once settled, the field report's run by 3 of 97). ``patience``
+4: the MLP-2L runs fall for two evaluations and their first stage-2 epoch, still in LR warm-up, climbs
+only a little (top-mode share 0.55 -> 0.33 in one run, +5 of 97 unique in its rerun with another thread
+count: 0.002 above the margin), while the next one jumps (+0.11 to +0.45). Patience 3 would hang the healthy
+runs on that one weak epoch; 4 waits for the jump and stops a run that stays down: the C-Abstractor at
+epoch 5 of 15 (the end of its flat stage 1), the field report's run at epoch 5 of 6. The stop reason names
+the tripped rules and the figures' trend over the streak, and says when SigLIP rose while diversity fell
+(the field report's trap: the generic caption fits every video, so SigLIP rewards it). Limit: a run whose
+diversity swings by ``min_recovery`` or more every other evaluation is never stopped; collapse does not
+look like that in any recorded run.
 
 ``generate(videos) -> captions``: whatever the user's model needs; it gets the probe set exactly as given
 (paths, frame arrays, dataset rows) and returns one caption per video, either strings or objects with a
@@ -41,6 +66,11 @@ Generate = Callable[[Sequence], Sequence]   # probe videos -> one caption (str o
 # figures logged per evaluation: DiversityReport fields (nan/None ones are left out)
 LOGGED = ("unique_ratio", "near_unique_ratio", "top_mode_share", "repeat_probability", "distinct_2",
           "grounding_r1")
+# How collapsed a probe set is: DiversityReport figure -> +1 when higher is less collapsed, -1 when lower is.
+# Recovery is judged on these. degenerate_share is left out: a decoder that stops looping has not diversified.
+RECOVERY_FIGURES = {"unique_ratio": 1, "near_unique_ratio": 1, "content_unique_ratio": 1, "top_mode_share": -1,
+                    "grounding_r1": 1}
+MIN_RECOVERY = 0.05   # 5 videos of the field report's 97: above a collapsed run's jitter (see the module doc)
 
 
 @dataclass
@@ -54,10 +84,16 @@ class MonitorResult:
     report: DiversityReport
     tripped: list[str]              # guard rules broken, in RULES order; [] = healthy
     siglip_mean: float | None       # mean given score; None when generate gives none
-    streak: int                     # collapsed evaluations in a row, this one included
+    streak: int                     # counted evaluations in a row (collapsed, not recovering), this one included
     should_stop: bool               # streak reached patience
-    reason: str | None              # why training should stop (names the rules and the figures)
+    reason: str | None              # why training should stop (names the rules, the figures and their trend)
     path: Path | None               # the captions file written, if any
+    # RECOVERY_FIGURES improvement on the previous evaluation (positive = less collapsed); {} for the first
+    changes: dict[str, float] = field(default_factory=dict)
+    recovering: bool | None = None  # some figure improved by min_recovery; None: the first (baseline) evaluation
+    counted: bool = False           # counted towards patience: collapsed, past ignore_first, not recovering
+    # SigLIP mean rose on the previous evaluation's while most collapse figures got worse: the field report's trap
+    siglip_up_diversity_down: bool = False
 
     @property
     def status(self) -> str:
@@ -67,7 +103,9 @@ class MonitorResult:
         """Finite figures as plain floats for a logger: {prefix + name: value}; collapsed is 0/1."""
         values = {name: getattr(self.report, name) for name in LOGGED}
         values |= {"siglip_mean": self.siglip_mean, "collapsed": float(bool(self.tripped)),
-                   "collapsed_streak": float(self.streak)}
+                   "collapsed_streak": float(self.streak),
+                   "recovering": None if self.recovering is None else float(self.recovering),
+                   "siglip_up_diversity_down": float(self.siglip_up_diversity_down)}
         return {prefix + k: float(v) for k, v in values.items() if v is not None and math.isfinite(v)}
 
 
@@ -75,10 +113,13 @@ class MonitorResult:
 class DiversityMonitor:
     """Caption a fixed probe set at each evaluation, judge it by the guard's rules, stop after `patience`.
 
-    patience: collapsed evaluations in a row before ``should_stop`` (a healthy one resets the count);
-    None never stops (figures and files only). ignore_first: evaluations not counted towards patience
-    (a model that has not yet learned to caption writes the same few words for everything; the field
-    report's run was already collapsed at epoch 1, so the default counts from the first).
+    patience: evaluations in a row that are collapsed and not recovering before ``should_stop`` (a healthy
+    or a recovering one resets the count; the first is the baseline and never counts); None never stops
+    (figures and files only). Default 4: a run may dip for two evaluations and take one more to turn (see
+    the module doc). min_recovery: how much one of ``RECOVERY_FIGURES`` must improve on the previous evaluation for
+    this one to count as recovering (ratios of the probe set; 0.05 = 5 videos of 97). ignore_first:
+    evaluations not counted towards patience on top of that (a warm-up; evaluation ignore_first + 1 is then
+    compared with evaluation ignore_first). Default 0: the field report's run was collapsed from epoch 1.
     """
 
     generate: Generate | None                     # None: captions come through ``observe`` only
@@ -87,8 +128,9 @@ class DiversityMonitor:
     references: Sequence[str | None] | None = None
     video_paths: Sequence[str | os.PathLike | None] | None = None   # written as video_path when known
     out_dir: str | os.PathLike | None = None      # where captions-epoch-N.jsonl go; None: not written
-    patience: int | None = 2
+    patience: int | None = 4
     ignore_first: int = 0
+    min_recovery: float = MIN_RECOVERY
     thresholds: GuardThresholds = field(default_factory=GuardThresholds)
     history: list[MonitorResult] = field(default_factory=list)
 
@@ -106,6 +148,11 @@ class DiversityMonitor:
             raise ValueError("probe ids repeat; give each probe video its own id")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be at least 1 (or None to never stop), got {self.patience}")
+        if self.ignore_first < 0:
+            raise ValueError(f"ignore_first must be 0 or more, got {self.ignore_first}")
+        if not 0.0 < self.min_recovery <= 1.0:
+            raise ValueError(f"min_recovery is a share of the probe set in (0, 1], got {self.min_recovery}; "
+                             f"{MIN_RECOVERY} is the default")
 
     def evaluate(self, epoch: int | None = None, step: int | None = None, write: bool = True) -> MonitorResult:
         """Caption the probe set with ``generate`` and judge it (``observe``)."""
@@ -129,7 +176,7 @@ class DiversityMonitor:
     def observe(self, captions: Sequence[str], *, scores: Sequence[float | None] | None = None,
                 text_emb: np.ndarray | None = None, video_emb: np.ndarray | None = None,
                 epoch: int | None = None, step: int | None = None, write: bool = True) -> MonitorResult:
-        """Judge captions of the probe set (probe order) already generated: figures, rules, streak, file.
+        """Judge captions of the probe set (probe order) already generated: figures, rules, recovery, streak, file.
 
         text_emb, video_emb: (n, E) scorer embeddings (caption i / probe video i) for grounding R@1.
         write: False on the ranks of a distributed run that are not rank 0 (one file per evaluation).
@@ -140,36 +187,56 @@ class DiversityMonitor:
                                   near_dup_threshold=self.thresholds.near_dup_threshold)
         tripped = tripped_rules(report, self.thresholds)
         index = len(self.history) + 1
-        counted = index > self.ignore_first
-        previous = self.history[-1].streak if self.history else 0
-        streak = previous + 1 if tripped and counted else 0
+        previous = self.history[-1] if self.history else None
+        changes = improvements(previous.report, report) if previous else {}
+        recovering = None if previous is None else any(d >= self.min_recovery - 1e-9 for d in changes.values())
+        counted = bool(tripped) and index > self.ignore_first and recovering is False
+        streak = previous.streak + 1 if counted else 0      # counted implies a previous evaluation
         finite = [float(s) for s in (scores or []) if s is not None and math.isfinite(s)]
         siglip = float(np.mean(finite)) if finite else None
+        trap = (previous is not None and siglip is not None and previous.siglip_mean is not None
+                and siglip > previous.siglip_mean and _mostly_worse(changes))
         should_stop = self.patience is not None and streak >= self.patience
-        reason = self._reason(report, tripped, streak, epoch, step) if should_stop else None
         path = None
         if write and self.out_dir is not None:
             path = self._write(captions, scores, epoch, step, index)
         result = MonitorResult(index, epoch, step, list(captions), report, tripped, siglip, streak, should_stop,
-                               reason, path)
+                               None, path, changes, recovering, counted, trap)
+        if should_stop:
+            result.reason = self._reason(result)
         self.history.append(result)
-        when = f"epoch {epoch}" if epoch is not None else f"step {step}" if step is not None else f"#{index}"
-        log.info("diversity at %s: %d/%d unique (%.2f) | near %.2f | top mode %.2f | R@1 %s | %s", when,
-                 report.unique, report.n, report.unique_ratio, report.near_unique_ratio, report.top_mode_share,
-                 "-" if report.grounding_r1 is None else f"{report.grounding_r1:.2f}",
-                 ",".join(tripped) or "healthy")
-        if reason:
-            log.warning("%s", reason)
+        log.info("diversity at %s: %d/%d unique (%.2f) | near %.2f | top mode %.2f | R@1 %s | %s%s",
+                 _when(result), report.unique, report.n, report.unique_ratio, report.near_unique_ratio,
+                 report.top_mode_share, "-" if report.grounding_r1 is None else f"{report.grounding_r1:.2f}",
+                 ",".join(tripped) or "healthy",
+                 "" if not tripped or recovering is None else
+                 " (recovering)" if recovering else f" (not recovering: {streak}/{self.patience or '-'})")
+        if result.reason:
+            log.warning("%s", result.reason)
         return result
 
-    def _reason(self, report: DiversityReport, tripped: list[str], streak: int, epoch, step) -> str:
-        when = f"epoch {epoch}" if epoch is not None else f"step {step}"
+    def _reason(self, result: MonitorResult) -> str:
+        """Why to stop: the streak, the rules tripped now, and the trend from the baseline before the streak."""
+        report, tripped = result.report, result.tripped
+        base = self.history[result.index - result.streak - 1]   # the evaluation before the streak's first
         top = report.modes[0].representative if report.modes else ""
-        return (f"capguard: mode collapse, stopping training: {streak} collapsed evaluation(s) in a row "
-                f"(patience {self.patience}); at {when} {report.unique}/{report.n} captions are distinct and "
-                f"the guard rules {', '.join(tripped)} tripped "
+        trend = ", ".join(f"{name} {getattr(base.report, name):.2f} -> {getattr(report, name):.2f}"
+                          for name in RECOVERY_FIGURES if _finite(getattr(base.report, name))
+                          and _finite(getattr(report, name)))
+        siglip = ""
+        if base.siglip_mean is not None and result.siglip_mean is not None:
+            siglip = f"; SigLIP {base.siglip_mean:.3f} -> {result.siglip_mean:.3f}"
+        counted = self.history[base.index:] + [result]                 # the streak's evaluations, oldest first
+        traps = [r for r in counted if r.siglip_up_diversity_down]
+        if traps:
+            siglip += (f"; SigLIP rose while diversity fell at {', '.join(_when(r) for r in traps)}: the field "
+                       f"report's trap (a generic caption fits every video, so SigLIP rewards it)")
+        return (f"capguard: mode collapse, stopping training: {result.streak} evaluations in a row collapsed and "
+                f"not recovering (patience {self.patience}; recovering = a collapse figure up {self.min_recovery} "
+                f"on the previous evaluation); at {_when(result)} {report.unique}/{report.n} captions are distinct "
+                f"and the guard rules {', '.join(tripped)} tripped "
                 f"({'; '.join(explain_rule(report, self.thresholds, r) for r in tripped)}); "
-                f"top mode: {top!r}")
+                f"trend {_when(base)} -> {_when(result)}: {trend}{siglip}; top mode: {top!r}")
 
     def _write(self, captions, scores, epoch, step, index) -> Path:
         out = Path(self.out_dir)
@@ -181,6 +248,30 @@ class DiversityMonitor:
                 for vid, c, s, ref, p in zip(self.ids, captions, scores or [None] * len(captions),
                                              self.references or [None] * len(captions), paths, strict=True)]
         return write_captions_file(out / name, rows)
+
+
+def improvements(before: DiversityReport, after: DiversityReport) -> dict[str, float]:
+    """How much less collapsed ``after`` is than ``before`` on each of ``RECOVERY_FIGURES`` both have.
+
+    Positive = better (a ratio up, the top-mode share down). Example: unique_ratio 0.09 -> 0.12 and
+    top_mode_share 0.55 -> 0.33 -> {"unique_ratio": 0.03, "top_mode_share": 0.22, ...}.
+    """
+    return {name: sign * (getattr(after, name) - getattr(before, name)) for name, sign in RECOVERY_FIGURES.items()
+            if _finite(getattr(before, name)) and _finite(getattr(after, name))}
+
+
+def _mostly_worse(changes: dict[str, float]) -> bool:
+    """More collapse figures got worse than better (``improvements`` output)."""
+    return sum(d < 0 for d in changes.values()) > sum(d > 0 for d in changes.values())
+
+
+def _finite(value) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _when(result: MonitorResult) -> str:
+    return (f"epoch {result.epoch}" if result.epoch is not None else
+            f"step {result.step}" if result.step is not None else f"evaluation {result.index}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -233,4 +324,5 @@ def captioner_generate(captioner, generation=None, batch_size: int = 16) -> Gene
     return generate
 
 
-__all__ = ["LOGGED", "DiversityMonitor", "MonitorResult", "captioner_generate", "stack_generate"]
+__all__ = ["LOGGED", "MIN_RECOVERY", "RECOVERY_FIGURES", "DiversityMonitor", "MonitorResult", "captioner_generate",
+           "improvements", "stack_generate"]

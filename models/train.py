@@ -9,7 +9,8 @@
    DiversityMonitor that capguard.callbacks wraps for other trainers), its captions written as
    <run>/captions-epoch-N.jsonl, and written as a checkpoint that points at the shared encoder (and
    at the pre-trained LLM while it is frozen). With ``stop_on_collapse`` N the run stops itself
-   after N collapsed epochs in a row and says which guard rules tripped.
+   after N epochs in a row that are collapsed and not recovering (the monitor's rule) and says
+   which guard rules tripped and how the figures moved.
 
 Vision features are computed once (the encoder is frozen while the captioner trains), so an
 epoch costs only projector + LLM work.
@@ -84,10 +85,12 @@ class TrainConfig:
     warmup_ratio: float = 0.1          # warmup + cosine decay, as in the field report's runs
     max_grad_norm: float = 1.0
     patience: int = 3                  # early stopping on validation loss
-    stop_on_collapse: int | None = None  # stop after this many collapsed epochs in a row (None: report only)
-    # epochs not counted towards stop_on_collapse: a projector-only stage 1 writes few distinct captions even
-    # in a run that turns healthy (MLP-2L here: 40/97 at epoch 1), while the field report's C-Abstractor
-    # collapsed from its first epoch on; 0 stops such a run earliest
+    # stop after this many epochs in a row that are collapsed and not recovering (DiversityMonitor's patience;
+    # None: report only). 4 lets the MLP-2L recipes' projector-only dip (40, 23, 9 of 97) and their slow first
+    # stage-2 epoch pass and stops the C-Abstractor recipe at epoch 5 (tests/test_monitor_runs.py replays them)
+    stop_on_collapse: int | None = None
+    # epochs not counted towards stop_on_collapse on top of the first (which is the recovery baseline); 0 stops
+    # a run that collapses from its first epoch on, as the field report's C-Abstractor did, earliest
     collapse_warmup: int = 0
     weight_decay: float = 0.0
     seed: int = 0

@@ -467,7 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
                       ("weight_decay", float)):
         p.add_argument("--" + name.replace("_", "-"), type=typ, dest=name)
     p.add_argument("--stop-on-collapse", type=_at_least(1), dest="stop_on_collapse", metavar="N",
-                   help="stop after N collapsed epochs in a row (the guard's rules on the validation captions)")
+                   help="stop after N epochs in a row that are collapsed (the guard's rules on the validation captions) "
+                        "and not recovering (no collapse figure up 0.05 on the previous epoch); 4 is the callbacks' default")
     p.add_argument("--collapse-warmup", type=_at_least(0), dest="collapse_warmup", metavar="K",
                    help="--stop-on-collapse: do not count the first K epochs (default 0)")
     p.set_defaults(func=cmd_train)

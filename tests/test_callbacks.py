@@ -4,8 +4,8 @@ The model is tiny and its captions are its own: four linear heads read a video's
 its time of day, colour, floors and roof, and the caption is the sentence those words make. Trained on
 the true attributes it captions the held-out probe videos apart (healthy); trained on data where every
 target is the same "average" building (the field report's root cause: the model converges to the safe
-generic caption) its captions collapse onto one sentence within an epoch or two. The callbacks must stop
-the second run, naming the rules, and let the first run finish.
+generic caption) its captions collapse onto one sentence within an epoch or two. The callbacks, at their
+default settings, must stop the second run, naming the rules, and let the first run finish.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def hf_run(tmp_path, collapsing: bool):
     trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=Rows(PROBE_X, PROBE_LABELS),
                       callbacks=[Recorder()])
     callback = DiversityCallback(lambda videos: model.captions(torch.stack(list(videos))), list(PROBE_X),
-                                 ids=PROBE_IDS, references=REFERENCES, patience=2).attach(trainer)
+                                 ids=PROBE_IDS, references=REFERENCES).attach(trainer)
     trainer.train()
     return trainer, callback, recorder
 
@@ -132,10 +132,10 @@ def test_hf_trainer_stops_a_collapsing_run_and_says_why(tmp_path, caplog):
     assert callback.stopped is not None
     stopped_at = callback.stopped.epoch
     assert stopped_at is not None and stopped_at < 6 and trainer.state.epoch == pytest.approx(stopped_at)
-    assert [h.status for h in callback.monitor.history][-2:] == ["collapsed", "collapsed"]
-    assert "unique_ratio" in callback.stopped.tripped
+    assert [h.status for h in callback.monitor.history][-4:] == ["collapsed"] * 4
+    assert "unique_ratio" in callback.stopped.tripped and callback.stopped.recovering is False
     reason = callback.stopped.reason
-    assert "stopping training" in reason and "unique_ratio" in reason and "patience 2" in reason
+    assert "stopping training" in reason and "unique_ratio" in reason and "patience 4" in reason
     assert reason in caplog.text
     # the figures reached the trainer's loggers and the eval metrics
     logged = [log for log in recorder.logs if "capguard/unique_ratio" in log]
@@ -184,7 +184,7 @@ def lightning_run(tmp_path, collapsing: bool):
                                          generator=torch.Generator().manual_seed(0))
     val = torch.utils.data.DataLoader(Rows(PROBE_X, PROBE_LABELS), batch_size=40)
     callback = LightningDiversityCallback(lambda videos: module.net.captions(torch.stack(list(videos))),
-                                          list(PROBE_X), ids=PROBE_IDS, patience=2)
+                                          list(PROBE_X), ids=PROBE_IDS)
     trainer = L.Trainer(max_epochs=6, accelerator="cpu", devices=1, logger=CSVLogger(tmp_path / "pl"),
                         callbacks=[callback], enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=1)
