@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from capguard.models.config import GenerationConfig
+
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
@@ -107,17 +109,10 @@ def test_checkpoints_sharing_an_llm_share_one_engine_process(served, videos):
 
 
 @dataclass
-class _Long:
+class _Long(GenerationConfig):
     """A generation config that cannot stop before ``min_new_tokens`` (vLLM's min_tokens)."""
     max_new_tokens: int = 200
     min_new_tokens: int = 200
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    num_beams: int = 1
-    repetition_penalty: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
 
 
 def test_disconnect_aborts_the_request_in_vllm(served, videos):
@@ -183,3 +178,22 @@ def test_shutdown_leaves_no_engine_process(tmp_path, videos):
     while _children() & started and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not (_children() & started), f"processes outlived the app: {_children() & started}"
+
+
+def test_an_evaluation_job_runs_on_the_vllm_engine(served):
+    """POST /evaluations on a vllm server: the job process loads its stacks with the server's engine (its own
+    engine core) and finishes with a row per checkpoint."""
+    client, app, _ = served
+    r = client.post("/evaluations", json={"checkpoints": ["demo", "collapsed"], "dataset": "val/val.jsonl",
+                                          "limit": 6})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    deadline = time.monotonic() + 600
+    while (job := client.get(f"/evaluations/{job_id}").json())["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.5)
+    assert job["status"] == "succeeded", job["error"]
+    assert [row["name"] for row in job["report"]["checkpoints"]] == ["demo", "collapsed"]
+    assert all(row["n"] == 6 for row in job["report"]["checkpoints"])
+    log = (Path(app.state.capguard.settings.data_dir) / "evaluations" / job_id / "job.log").read_text()
+    assert "engine vllm" in log
