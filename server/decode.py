@@ -79,13 +79,15 @@ def _send_json(conn: Connection, message: dict) -> None:
     conn.send_bytes(json.dumps(message).encode())
 
 
-def _worker_main(conn: Connection, decoder: str) -> None:
+def _worker_main(conn: Connection, decoder: str, nice: int = 0) -> None:
     """Body of a decode process: import the decoder once, then answer jobs until told to stop.
 
     Replies are JSON plus raw frame bytes, never pickles: a decoder that an exploit took over must
     not be able to run code in the server by what it sends back.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is for the server, which stops us itself
+    if nice:
+        os.nice(nice)   # decode_nice: see Settings
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))   # a decoder crashing on bad uploads leaves no core files
     decode = import_function(decoder)
     _send_json(conn, {"ready": os.getpid()})
@@ -115,9 +117,10 @@ def _worker_main(conn: Connection, decoder: str) -> None:
 
 
 def worker_entry(argv: list[str]) -> None:
-    """What a fresh interpreter runs (server/childproc.py): argv = [socket fd, decoder]; wrap the socket, serve."""
-    fd, decoder = argv
-    _worker_main(Connection(int(fd)), decoder)
+    """What a fresh interpreter runs (server/childproc.py): argv = [socket fd, decoder, nice]; wrap the socket,
+    serve."""
+    fd, decoder, nice = argv
+    _worker_main(Connection(int(fd)), decoder, int(nice))
 
 
 def _death(process: subprocess.Popen) -> str:
@@ -132,11 +135,11 @@ def _death(process: subprocess.Popen) -> str:
 class DecodeWorker:
     """One decoder process (a fresh Python interpreter) and the parent's end of its socket."""
 
-    def __init__(self, decoder: str):
+    def __init__(self, decoder: str, nice: int = 0):
         parent, child = socket.socketpair()
         with child:
-            self.process = start_child("capguard.server.decode:worker_entry", [str(child.fileno()), decoder],
-                                       pass_fds=[child.fileno()])
+            self.process = start_child("capguard.server.decode:worker_entry",
+                                       [str(child.fileno()), decoder, str(nice)], pass_fds=[child.fileno()])
         self.conn = Connection(parent.detach())
         self.ready = False
 
@@ -200,8 +203,9 @@ class DecodePool:
     """`size` worker processes; decodes wait in a thread pool of the same size (one thread per worker)."""
 
     def __init__(self, size: int, decoder: str, timeout_s: float, max_pending: int,
-                 on_restart: Callable[[str], None] | None = None):
+                 on_restart: Callable[[str], None] | None = None, nice: int = 0):
         self.size, self.decoder, self.timeout_s, self.max_pending = size, decoder, timeout_s, max_pending
+        self.nice = nice
         self.on_restart = on_restart or (lambda reason: None)
         self._idle: queue.SimpleQueue[DecodeWorker] = queue.SimpleQueue()
         self._threads = ThreadPoolExecutor(max_workers=size, thread_name_prefix="capguard-decode")
@@ -211,7 +215,7 @@ class DecodePool:
         self.closed = False
 
     def _spawn(self) -> DecodeWorker:
-        worker = DecodeWorker(self.decoder)
+        worker = DecodeWorker(self.decoder, self.nice)
         with self._lock:
             self._workers.add(worker)
         return worker

@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     max_frames: int = Field(100_000, ge=1)             # frames declared or counted (a tiny file can claim millions)
     decode_workers: int = Field(2, ge=1)               # decoder processes; a crash kills one, never the server
     decode_timeout_s: float = Field(30.0, gt=0)        # a stuck decode answers 504 and its process is replaced
+    # niceness of the decoder processes: decoding is the one stage whose queueing costs a request little, so on
+    # a busy box the CPU goes first to the event loop, the model thread and the engine (bench/RESULTS.md)
+    decode_nice: int = Field(5, ge=0, le=19)
     decoder: str = "capguard.models.video:sample_frames"        # "module:function" the workers call; tests swap in crashers
 
     # --- batching

@@ -109,7 +109,8 @@ def init_state(settings: Settings, metrics: Metrics) -> AppState:
                               on_load=restore_guard, compile=settings.compile, engine=settings.engine)
     decoder = DecodePool(settings.decode_workers, settings.decoder, settings.decode_timeout_s,
                          max_pending=settings.queue_size,
-                         on_restart=lambda reason: metrics.decoder_restarts.labels(reason).inc())
+                         on_restart=lambda reason: metrics.decoder_restarts.labels(reason).inc(),
+                         nice=settings.decode_nice)
     # the lambdas read `state` when the model thread calls them, by which time it exists
     batcher = Batcher(lambda jobs: run_batch(state, jobs), settings.max_batch_size, settings.max_wait_ms / 1000,
                       settings.queue_size, on_batch=metrics.batch_size.observe,

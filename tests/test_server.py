@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -375,3 +376,11 @@ def test_unexpected_errors_answer_json_500(app, client, video_files, monkeypatch
     assert error["code"] == "internal_error" and "boom" not in error["message"]
     monkeypatch.undo()
     assert post(client, video_files[0].read_bytes(), max_new_tokens=2).status_code == 200
+
+
+def test_decoders_run_at_the_configured_niceness(client, app):
+    """Decoding yields the CPU to the event loop, the model thread and the engine (decode_nice, default 5)."""
+    state = app.state.capguard
+    workers = list(state.decoder._workers)
+    assert workers and state.settings.decode_nice == 5
+    assert {os.getpriority(os.PRIO_PROCESS, w.pid) - os.getpriority(os.PRIO_PROCESS, 0) for w in workers} == {5}
