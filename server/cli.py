@@ -295,16 +295,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings = settings.model_copy(update={"engine": args.engine})
     logging.getLogger("capguard.server.cli").info("LLM engine asked: %s", settings.engine)
     if args.ray:
-        if args.replicas < 1:   # before the Ray check: a bad flag is an error with or without Ray installed
-            print(f"capguard serve: error: --replicas must be at least 1, got {args.replicas}", file=sys.stderr)
-            return 2
+        for flag, value in (("--replicas", args.replicas), ("--evaluation-actors", args.evaluation_actors)):
+            if value < 1:   # before the Ray check: a bad flag is an error with or without Ray installed
+                print(f"capguard serve: error: {flag} must be at least 1, got {value}", file=sys.stderr)
+                return 2
         if importlib.util.find_spec("ray") is None:
             print("capguard serve: error: --ray needs Ray: pip install 'capguard[ray]' (make install-ray)",
                   file=sys.stderr)
             return 2
         from capguard.server.ray_serve import serve_forever
 
-        return serve_forever(settings, args.ray, args.replicas, settings.host, args.port)
+        return serve_forever(settings, args.ray, args.replicas, settings.host, args.port, args.evaluation_actors)
     threads = settings.resolved_torch_threads()
     if threads is not None:
         import torch
@@ -365,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve on Ray Serve: model replicas, one guard per checkpoint for all of them "
                         "(auto: the running cluster, else a local one)")
     p.add_argument("--replicas", type=int, default=2, help="--ray: model replicas (one GPU each when there are GPUs)")
+    p.add_argument("--evaluation-actors", type=int, default=2,
+                   help="--ray: actors in each evaluation job's pool (one loaded stack each)")
     _engine_argument(p)
     p.set_defaults(func=cmd_serve)
 

@@ -399,7 +399,8 @@ def build(args: dict):
                      evaluation_actors=int(args.get("evaluation_actors", 2)))
 
 
-def serve_forever(settings: Settings, address: str | None, replicas: int, host: str, port: int) -> int:
+def serve_forever(settings: Settings, address: str | None, replicas: int, host: str, port: int,
+                  evaluation_actors: int = 2) -> int:
     """``capguard serve --ray``: join (or start) a cluster, run the application on host:port until Ctrl-C."""
     from ray import serve
 
@@ -407,7 +408,8 @@ def serve_forever(settings: Settings, address: str | None, replicas: int, host: 
 
     connect(address)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(settings, replicas=replicas), name=APP_NAME, route_prefix="/")
+    serve.run(build_app(settings, replicas=replicas, evaluation_actors=evaluation_actors), name=APP_NAME,
+              route_prefix="/")
     log.info("capguard on Ray Serve: http://%s:%d (%d model replicas); Ctrl-C stops it", host, port, replicas)
     try:
         while True:

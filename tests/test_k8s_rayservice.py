@@ -40,7 +40,7 @@ def test_serve_config_imports_the_application_builder():
     module_name, attribute = app["import_path"].split(":")
     builder = getattr(importlib.import_module(module_name), attribute)   # exists, and imports without ray
     assert list(inspect.signature(builder).parameters) == ["args"]       # a Serve application builder
-    assert set(app["args"]) <= {"replicas", "max_models"} and app["route_prefix"] == "/"
+    assert set(app["args"]) <= {"replicas", "max_models", "evaluation_actors"} and app["route_prefix"] == "/"
     env = app["runtime_env"]["env_vars"]
     from capguard.server.settings import Settings
 

@@ -142,3 +142,5 @@ def test_cli_refuses_zero_replicas(capsys):
 
     assert main(["serve", "--ray", "--replicas", "0", "--checkpoint", str(REPO / "checkpoints" / "demo")]) == 2
     assert "--replicas must be at least 1" in capsys.readouterr().err
+    assert main(["serve", "--ray", "--evaluation-actors", "0", "--checkpoint", str(REPO / "checkpoints" / "demo")]) == 2
+    assert "--evaluation-actors must be at least 1" in capsys.readouterr().err
