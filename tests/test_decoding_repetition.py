@@ -167,6 +167,13 @@ def test_the_server_echoes_counts_and_refuses_bad_fields(server_settings, video_
             bad = post(client, video_files[2], **fields)
             assert bad.status_code == 422 and needle in bad.json()["error"]["message"], bad.text
         assert samples(client)[key] == 1
+        stack = client.app.state.capguard.checkpoints.loaded("demo")
+        eos, stack.captioner.eos_id = stack.captioner.eos_id, None   # a tokenizer without EOS: no row can end early
+        try:
+            bad = post(client, video_files[2], stop_on_repetition="true")
+        finally:
+            stack.captioner.eos_id = eos
+        assert bad.status_code == 422 and "has none" in bad.json()["error"]["message"], bad.text
 
 
 def test_evaluation_bodies_take_the_fields():
