@@ -184,7 +184,6 @@ def degenerate_share(kinds: Sequence[str | None]) -> float:
     return sum(kind in LOOP_KINDS for kind in kinds) / len(kinds) if len(kinds) else float("nan")
 
 
-__all__ = ["KINDS", "LOOP_KINDS", "Degeneration", "degenerate_share", "degeneration", "units"]
 
 
 def repetition_stop() -> Degeneration:
@@ -199,3 +198,7 @@ def judge(caption: str, num_tokens: int | None = None, max_new_tokens: int | Non
     (finish_reason "repetition", the stop_on_repetition option): what the server counts and the guard sees."""
     found = degeneration(caption, num_tokens, max_new_tokens)
     return found if found is not None or finish_reason != "repetition" else repetition_stop()
+
+
+__all__ = ["KINDS", "LOOP_KINDS", "Degeneration", "degenerate_share", "degeneration", "judge", "repetition_stop",
+           "units"]

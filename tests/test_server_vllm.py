@@ -180,6 +180,15 @@ def test_shutdown_leaves_no_engine_process(tmp_path, videos):
     assert not (_children() & started), f"processes outlived the app: {_children() & started}"
 
 
+def test_what_vllm_cannot_decode_is_a_422_before_the_engine(served, videos):
+    """Beam search on a vllm checkpoint: the request is refused (422, the engine named), not failed in the
+    engine as a 503, and the engine serves on."""
+    client, _, _ = served
+    bad = _post(client, videos[0], num_beams="3")
+    assert bad.status_code == 422 and "beam search" in bad.json()["error"]["message"], bad.text
+    assert _post(client, videos[0]).status_code == 200
+
+
 def test_an_evaluation_job_runs_on_the_vllm_engine(served):
     """POST /evaluations on a vllm server: the job process loads its stacks with the server's engine (its own
     engine core) and finishes with a row per checkpoint."""

@@ -46,6 +46,11 @@ class Engine(Protocol):
         """Stop a request in flight (no-op when it is unknown or already finished)."""
         ...
 
+    def refuse(self, gen: GenerationConfig) -> str | None:
+        """Why this engine cannot decode ``gen`` (a request's fault: the server answers 422 with it), or None.
+        Asked before a request is queued, so a refusal never reaches the engine as a failure."""
+        ...
+
     def check_health(self) -> None:
         """Raise EngineError when the engine can no longer serve (a dead engine process)."""
         ...

@@ -42,6 +42,12 @@ class HFEngine:
         self._aborted: set[str] = set()    # the subset to stop (only pending ids: nothing accumulates)
         self._closed = False
 
+    def refuse(self, gen: GenerationConfig) -> str | None:
+        if gen.stop_on_repetition and self.captioner.eos_id is None:   # RepetitionStop ends a row with EOS
+            return ("stop_on_repetition ends a row with the tokenizer's EOS token and this checkpoint's tokenizer "
+                    "has none; leave it out")
+        return None
+
     def generate(self, visual: list[torch.Tensor], gen: GenerationConfig | list[GenerationConfig],
                  max_new_tokens: list[int] | None = None) -> list[Generated]:
         self.check_health()   # no lock: batches may run side by side (the server's CAPGUARD_MODEL_THREADS)

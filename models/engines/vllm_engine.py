@@ -122,6 +122,13 @@ def repetition_detection(gen: GenerationConfig, max_tokens: int):
                                      min_pattern_size=smallest, min_count=gen.repetition_min_count)
 
 
+def refusal(gen: GenerationConfig) -> str | None:
+    """What the vllm engine cannot decode: beam search is not a vLLM sampling mode."""
+    if gen.num_beams != 1:
+        return f"the vllm engine does not do beam search (num_beams={gen.num_beams}); use the hf engine"
+    return None
+
+
 def sampling_params(gen: GenerationConfig, max_tokens: int, stop_ids: list[int]):
     """vLLM SamplingParams for a GenerationConfig: greedy is temperature 0; ``stop_ids`` (the tokenizer's EOS,
     when inside the vocabulary: vLLM rejects others) stop the row, and Captioner.finish cuts them;
@@ -130,8 +137,9 @@ def sampling_params(gen: GenerationConfig, max_tokens: int, stop_ids: list[int])
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    if gen.num_beams != 1:
-        raise EngineError(f"the vllm engine does not do beam search (num_beams={gen.num_beams}); use the hf engine")
+    problem = refusal(gen)
+    if problem:
+        raise EngineError(problem)
     options = {"max_tokens": max_tokens, "stop_token_ids": list(stop_ids),
                "repetition_penalty": gen.repetition_penalty, "detokenize": False,
                "output_kind": RequestOutputKind.FINAL_ONLY}
@@ -323,6 +331,9 @@ class VLLMEngine:
                     task.cancel()
 
         return self.core.run(run_all())
+
+    def refuse(self, gen: GenerationConfig) -> str | None:
+        return refusal(gen)
 
     async def abort(self, request_id: str) -> None:
         if self.core.alive:

@@ -96,9 +96,9 @@ async def caption(request: Request, state: State) -> CaptionResponse:
     decode_ms = round(video.seconds * 1000, 3)
     name, stack = choice.name, choice.stack
     gen = options.decoding().apply(stack.config.generation)
-    if gen.stop_on_repetition and stack.engine_name == "hf" and stack.captioner.eos_id is None:
-        raise ApiError(422, "invalid_request", f"stop_on_repetition ends a row with the tokenizer's EOS token and "
-                                               f"checkpoint {name!r}'s tokenizer has none; leave it out")
+    problem = stack.engine.refuse(gen) if stack.engine is not None else None   # what this engine cannot decode
+    if problem:
+        raise ApiError(422, "invalid_request", f"checkpoint {name!r} ({stack.engine_name} engine): {problem}")
     if options.max_new_tokens is not None:
         gen = replace(gen, max_new_tokens=options.max_new_tokens)
     job = CaptionJob(name, stack, video.frames, gen, upload.sha256, decode_ms)
