@@ -122,3 +122,21 @@ def test_requests_leave_when_done_and_abort(cache, frames):
     assert done[0] == "short" and "doomed" not in done
     assert results[1].num_tokens <= 2 and results[0] == reference
     assert stack.engine.generate(visual[:1], gen)[0] == reference   # still serving after the abort
+
+
+def test_cli_caption_exits_clean_on_the_vllm_engine(tmp_path):
+    """`capguard caption --engine vllm` prints its captions and exits 0 with nothing on stderr that reads like a
+    failure: the engine core is shut down once (AsyncLLM's own __del__ used to run again at interpreter exit and
+    print "Exception ignored ... TypeError")."""
+    import subprocess
+    import sys
+
+    videos = [str(ROOT / "samples" / "val" / f"val-0000{i}.mp4") for i in range(2)]
+    done = subprocess.run([sys.executable, "-m", "capguard.server.cli", "caption", "--engine", "vllm",
+                           "--checkpoint", str(ROOT / "checkpoints" / "demo"), *videos],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env=os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert all(Path(v).name in done.stdout for v in videos), done.stdout
+    for failure in ("Traceback", "Exception ignored", "Error:"):
+        assert failure not in done.stderr, done.stderr[-3000:]

@@ -249,6 +249,10 @@ def _environment(values: dict[str, str]):
                 os.environ[name] = value
 
 
+def _already_shut_down(timeout: float | None = None) -> None:
+    """What a shut-down AsyncLLM's ``shutdown`` becomes (its ``__del__`` calls it once more)."""
+
+
 def _shutdown(llm, loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
     """End the engine-core process, then the loop thread (a finalizer: holds no reference to the core).
 
@@ -261,6 +265,9 @@ def _shutdown(llm, loop: asyncio.AbstractEventLoop, thread: threading.Thread) ->
                 handler.cancel()
                 await asyncio.sleep(0)
             llm.shutdown()
+            # AsyncLLM.__del__ shuts down again, and at interpreter exit that finds vLLM's module globals
+            # already gone ("TypeError: 'NoneType' object is not callable" on stderr): once is enough
+            llm.shutdown = _already_shut_down
 
         try:
             asyncio.run_coroutine_threadsafe(stop(), loop).result(timeout=60)
