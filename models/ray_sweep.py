@@ -42,7 +42,7 @@ import numpy as np
 
 from capguard.models.config import MANIFEST_NAME, CheckpointConfig
 from capguard.models.decoding import DecodingRequest
-from capguard.models.degenerate import degeneration
+from capguard.models.degenerate import judge
 from capguard.models.evaluate import Dataset, Evaluator, checkpoint_row, component_paths, load_dataset
 from capguard.models.rules import GuardThresholds
 
@@ -136,6 +136,7 @@ class SweepWorker:
             for i, out, gen in zip(frames, outputs, gens, strict=True):
                 rows[i] = {"caption": out.caption, "siglip": out.score, "num_tokens": out.num_tokens,
                            "max_new_tokens": gen.max_new_tokens, "seed": gen.seed if gen.do_sample else None,
+                           "finish_reason": out.finish_reason,
                            "text_emb": None if out.text_emb is None else out.text_emb.astype(np.float32).tolist(),
                            "video_emb": None if out.video_emb is None else out.video_emb.astype(np.float32).tolist()}
             rows[min(frames)]["timings_s"] = dict(seconds)   # the batch's stages, counted once per unit
@@ -325,12 +326,14 @@ def write_report(plan: SweepPlan, dataset: Dataset, done: dict, out_dir: Path,
             references=[items[v].reference for v in kept] if dataset.lang else None,
             attributes=[items[v].attributes for v in kept] if any(items[v].attributes for v in kept) else None,
             lang=dataset.lang, ids=[items[v].id for v in kept], thresholds=judged_by, info=info,
-            degenerate=[getattr(degeneration(r["caption"], r["num_tokens"], r.get("max_new_tokens", limit)), "kind",
-                                None) for r in chosen])
+            degenerate=[getattr(judge(r["caption"], r["num_tokens"], r.get("max_new_tokens", limit),
+                                      r.get("finish_reason")), "kind", None) for r in chosen],
+            finish_reasons=[r.get("finish_reason") for r in chosen])
         evaluator.rows.append(report_row)
         evaluator.records += [{"checkpoint": name, "id": items[v].id, "path": items[v].rel,
                                "caption": rows[v]["caption"], "reference": items[v].reference,
-                               "siglip": rows[v]["siglip"], "seed": rows[v].get("seed")} for v in kept]
+                               "siglip": rows[v]["siglip"], "seed": rows[v].get("seed"),
+                               "finish_reason": rows[v].get("finish_reason")} for v in kept]
     return evaluator.write()
 
 

@@ -80,6 +80,9 @@ def main_table(rows: list[dict]) -> str:
     return _table(head, body, "main")
 
 
+_DIGITS = {"bleu": 1, "chrf": 1, "repetition_stops": 0}   # decimals per detail column (default 3)
+
+
 def detail_table(rows: list[dict]) -> str:
     """Every other figure per checkpoint; the reference columns only when some row has them."""
     columns = [("repeat_probability", "Repeat prob."), ("distinct_1", "Distinct-1"),
@@ -89,9 +92,11 @@ def detail_table(rows: list[dict]) -> str:
                        ("attribute_accuracy", "Attribute acc.")):
         if any(r.get(key) is not None for r in rows):
             columns.append((key, label))
+    if any(r.get("repetition_stops") for r in rows):   # rows the stop_on_repetition option cut (a loop each)
+        columns.append(("repetition_stops", "Repetition stops"))
     body = []
     for r in rows:
-        cells = "".join(f"<td class=\"num\">{_num(r.get(k), 1 if k in ('bleu', 'chrf') else 3)}</td>"
+        cells = "".join(f"<td class=\"num\">{_num(r.get(k), _DIGITS.get(k, 3))}</td>"
                         for k, _ in columns)
         body.append(f"<tr><td>{_e(r['name'])}</td>{cells}"
                     f"<td><code>{_e((r.get('fingerprint') or '')[:12])}</code></td></tr>")

@@ -210,3 +210,44 @@ def test_a_stop_too_short_for_the_detector_is_still_a_loop_to_the_guard():
     rows = [{"video_sha256": f"{i:064x}", "caption": f"도시 풍경 {i}", "decoding": {"finish_reason": "repetition"}}
             for i in range(4)]   # as the caption log gives them back after a restart
     assert Guard("g", GuardSettings(window=10, min_captions=4)).restore(rows).degenerate_share == 1.0
+
+
+def test_evaluation_reports_count_repetition_stops_as_the_guard_does(tmp_path):
+    """An offline evaluation with stop_on_repetition: the report row counts the rows the option cut
+    (``repetition_stops``), judges each as a loop as the server's guard does (the cut text may read clean),
+    captions.jsonl says why each caption ended, and a Ray Data sweep's worker writes the same report."""
+    import json
+
+    from capguard.models.evaluate import Evaluator, load_dataset
+    from capguard.models.ray_sweep import SweepPlan, SweepWorker, write_report
+    from capguard.models.report import detail_table
+
+    checkpoint = init_checkpoint(tmp_path / "loop", "mlp2x_gelu", seed=0)
+    dataset = load_dataset(ROOT / "samples" / "val" / "val.jsonl", limit=3)
+    rows, reports = {}, {}
+    for stop in (False, True):
+        decoding = DecodingRequest(stop_on_repetition=stop)
+        evaluator = Evaluator(dataset, tmp_path / f"stop-{stop}", batch_size=2, device="cpu", progress_bar=False,
+                              max_new_tokens=LIMIT, decoding=decoding)
+        rows[stop] = evaluator.add(checkpoint, name="loop")
+        reports[stop] = evaluator.write()
+    # this stack loops on a token that decodes to nothing: the text alone reads clean (cut at the limit, no loop)
+    assert (rows[False]["repetition_stops"], rows[False]["degenerate_share"]) == (0, 0.0)
+    assert (rows[True]["repetition_stops"], rows[True]["degenerate_share"]) == (3, 1.0)   # the engine saw the loop
+    records = [json.loads(line) for line in (tmp_path / "stop-True" / "captions.jsonl").open(encoding="utf-8")]
+    assert [r["finish_reason"] for r in records] == ["repetition"] * 3
+    assert "Repetition stops" in detail_table(reports[True]["checkpoints"])
+    assert "Repetition stops" not in detail_table(reports[False]["checkpoints"])
+
+    decoding = DecodingRequest(stop_on_repetition=True)
+    plan = SweepPlan((str(checkpoint),), tuple(str(i.path) for i in dataset.items), 2, None, LIMIT, "cpu",
+                     decoding.given())
+    worker, done = SweepWorker(plan), {}
+    for unit in plan.units():
+        for row in worker({key: [value] for key, value in unit.items()})["row"]:
+            row = json.loads(row)
+            done[(row["checkpoint"], row["video"])] = row
+    swept = write_report(plan, dataset, done, tmp_path / "swept", paths=[str(checkpoint)], names=["loop"])
+    row = swept["checkpoints"][0]
+    assert (row["repetition_stops"], row["degenerate_share"]) == (3, 1.0)
+    assert (tmp_path / "swept" / "captions.jsonl").read_bytes() == (tmp_path / "stop-True" / "captions.jsonl").read_bytes()

@@ -299,7 +299,8 @@ def test_evaluate_writes_one_report(run_stacks, manifest, tmp_path, monkeypatch)
                                              "message": report["dataset"]["skipped"][0]["message"]}]
     assert report["warnings"][0]["code"] == "videos_skipped"
     lines = [json.loads(line) for line in (out / "captions.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert len(lines) == 6 and set(lines[0]) == {"checkpoint", "id", "path", "caption", "reference", "siglip", "seed"}
+    assert len(lines) == 6 and set(lines[0]) == {"checkpoint", "id", "path", "caption", "reference", "siglip", "seed",
+                                                 "finish_reason"}
     assert lines[0]["path"] == "val/val-00000.mp4" and lines[3]["checkpoint"] == "epoch-2"
     page = (out / "report.html").read_text(encoding="utf-8")
     assert page.count('class="bar"') == 2

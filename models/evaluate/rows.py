@@ -24,7 +24,7 @@ MIN_CORRELATION_POINTS = 3   # checkpoints with SigLIP and diversity before the 
 ROW_KEYS = (
     "name", "path", "fingerprint", "projector_type", "epoch", "n", "unique", "diversity", "near_unique",
     "near_unique_ratio", "top_mode_share", "top_mode", "repeat_probability", "distinct_1", "distinct_2",
-    "self_bleu", "content_unique_ratio", "vendi_score", "degenerate_share", "siglip_mean", "siglip_median", "grounding_r1", "grounding_margin", "bleu", "chrf",
+    "self_bleu", "content_unique_ratio", "vendi_score", "degenerate_share", "repetition_stops", "siglip_mean", "siglip_median", "grounding_r1", "grounding_margin", "bleu", "chrf",
     "cider_d", "attribute_accuracy", "attribute_accuracy_by_name", "status", "tripped", "thresholds", "modes",
     "num_frames", "seconds", "timings_s",
 )
@@ -36,12 +36,15 @@ def checkpoint_row(name: str, captions: Sequence[str], *, scores: Sequence[float
                    attributes: Sequence[dict | None] | None = None, lang: str | None = None,
                    ids: Sequence[str] | None = None, thresholds: GuardThresholds | None = None,
                    info: dict | None = None, top_k: int = 5,
-                   degenerate: Sequence[str | None] | None = None) -> dict:
+                   degenerate: Sequence[str | None] | None = None,
+                   finish_reasons: Sequence[str | None] | None = None) -> dict:
     """One checkpoint's report row (keys: ROW_KEYS) from its captions of the data set, in data set order.
 
     scores: SigLIP probability per caption (None: no scorer). text_emb/video_emb: (n, E) scorer embeddings
     for grounding and the Vendi score. degenerate: the degeneration kind (or None) per caption, computed with
-    its token counts (capguard.models.degenerate); None: judged from the text alone. references/attributes: per video, None where absent. ids: video ids, to name a mode's
+    its token counts (capguard.models.degenerate); None: judged from the text alone. finish_reasons: why each
+    caption ended ("stop", "length", "repetition": the stop_on_repetition option cut a loop), counted in
+    ``repetition_stops``; None (captions written by other code): not known, and the count is None. references/attributes: per video, None where absent. ids: video ids, to name a mode's
     videos. info: path, fingerprint, ... copied into the row. Verdict: "collapsed" if any guard rule of
     thresholds (default GuardThresholds()) trips; the row records the thresholds it was judged by.
 
@@ -65,6 +68,7 @@ def checkpoint_row(name: str, captions: Sequence[str], *, scores: Sequence[float
         "distinct_2": d["distinct_2"], "self_bleu": d["self_bleu"],
         "content_unique_ratio": d["content_unique_ratio"], "vendi_score": d["vendi_score"],
         "degenerate_share": d["degenerate_share"],
+        "repetition_stops": None if finish_reasons is None else sum(r == "repetition" for r in finish_reasons),
         "siglip_mean": float(np.mean(siglip)) if siglip else None,
         "siglip_median": float(np.median(siglip)) if siglip else None,
         "grounding_r1": d["grounding_r1"], "grounding_margin": d["grounding_margin"],

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from capguard.models.config import MANIFEST_NAME, CheckpointConfig, GenerationConfig
 from capguard.models.decoding import MAX_SEED, DecodingRequest
-from capguard.models.degenerate import degeneration
+from capguard.models.degenerate import judge
 from capguard.models.evaluate.dataset import Dataset, VideoItem, load_dataset
 from capguard.models.evaluate.metrics import is_finite, metric_notes
 from capguard.models.evaluate.rows import build_report, checkpoint_row
@@ -149,6 +149,7 @@ class Evaluator:
         captions: list[str] = []
         scores: list[float | None] = []
         kinds: list[str | None] = []   # degeneration kind per caption, judged with its token count
+        finishes: list[str | None] = []   # why each caption ended: "stop", "length", "repetition"
         text_emb, video_emb = [], []
         stages = Counter()
         bar = tqdm(total=len(items), desc=name, unit="video", disable=not self.progress_bar)
@@ -165,7 +166,10 @@ class Evaluator:
                     seeds.append(gen.seed if gen.do_sample else None)
                     captions.append(out.caption)
                     scores.append(out.score)
-                    kinds.append(getattr(degeneration(out.caption, out.num_tokens, gen.max_new_tokens), "kind", None))
+                    finishes.append(out.finish_reason)
+                    # as the server's guard judges it: a row the engine stopped for repeating is a loop
+                    kinds.append(getattr(judge(out.caption, out.num_tokens, gen.max_new_tokens, out.finish_reason),
+                                         "kind", None))
                     if out.text_emb is not None and out.video_emb is not None:
                         text_emb.append(out.text_emb)
                         video_emb.append(out.video_emb)
@@ -188,11 +192,11 @@ class Evaluator:
             references=[it.reference for it in chosen] if self.dataset.lang else None,
             attributes=[it.attributes for it in chosen] if any(it.attributes for it in chosen) else None,
             lang=self.dataset.lang, ids=[it.id for it in chosen], thresholds=thresholds, info=info,
-            degenerate=kinds)
+            degenerate=kinds, finish_reasons=finishes)
         self.rows.append(row)
         self.records += [{"checkpoint": name, "id": it.id, "path": it.rel, "caption": c,
-                          "reference": it.reference, "siglip": s, "seed": seed}
-                         for it, c, s, seed in zip(chosen, captions, scores, seeds, strict=True)]
+                          "reference": it.reference, "siglip": s, "seed": seed, "finish_reason": f}
+                         for it, c, s, seed, f in zip(chosen, captions, scores, seeds, finishes, strict=True)]
         log.info("%s: %d/%d unique (%.2f) | near %d | top mode %.2f | SigLIP %s | R@1 %s | %s %s", name,
                  row["unique"], row["n"], row["diversity"], row["near_unique"], row["top_mode_share"],
                  _fmt(row["siglip_mean"]), _fmt(row["grounding_r1"]), row["status"], ",".join(row["tripped"]))
