@@ -55,7 +55,7 @@ clean-venv:
 VVENV := .venv-vllm
 VBIN := $(VVENV)/bin
 VSTAMP := $(VVENV)/.installed
-VLLM_TESTS := tests/test_engine_vllm.py tests/test_decoding_vllm.py tests/test_server_vllm.py
+VLLM_TESTS := tests/test_engine_vllm.py tests/test_decoding_vllm.py tests/test_server_vllm.py tests/test_bench_smoke.py
 
 $(VSTAMP): pyproject.toml
 	test -x $(VBIN)/python || $(PY) -m venv $(VVENV)

@@ -49,6 +49,20 @@ def test_gpu_bench_tiny_prints_one_row_per_projector():
     assert [int(r[1]) for r in rows] == [32, 32, 8]
 
 
+@pytest.mark.vllm   # make test-vllm (a loopback-only namespace); ~40 s: two engine starts on the CPU
+def test_gpu_bench_tiny_runs_the_vllm_engine_too():
+    """The GPU bench's vllm path (``--engines hf vllm``: the random LLM written out, loaded by vLLM, the same
+    videos through stack.caption with the vllm engine) runs end to end, so it is ready the day a GPU is lent."""
+    pytest.importorskip("vllm")
+    stdout = run("gpu_bench.py", "--tiny", "--repeats", "1", "--engines", "hf", "vllm", timeout=400)
+    rows = [r for r in table_rows(stdout, "projector     batch v/s") if not r[0].startswith("(")]   # not vLLM's log
+    assert [r[0] for r in rows] == ["linear", "mlp2x_gelu", "c-abstractor"]
+    for r in rows:
+        assert float(r[1]) > 0 and float(r[2]) > 0 and r[3].endswith("x")   # hf batch, vllm videos/s, ratio
+        same, total = map(int, r[4].split("/"))
+        assert same == total   # fp32 on the CPU: vLLM's tokens equal HF's one-by-one ones
+
+
 @pytest.mark.slow   # a fresh interpreter (torch, transformers): 14-140 s on 2 busy cores
 def test_gpu_bench_plan_has_the_field_report_shapes():
     """--plan builds the full stack on the meta device (no memory, no GPU): LLaMA-2-7B-sized, 576 patches
