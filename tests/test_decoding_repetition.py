@@ -219,8 +219,9 @@ def test_evaluation_reports_count_repetition_stops_as_the_guard_does(tmp_path):
     import json
 
     from capguard.models.evaluate import Evaluator, load_dataset
-    from capguard.models.ray_sweep import SweepPlan, SweepWorker, write_report
+    from capguard.models.ray_sweep import SweepPlan, write_report
     from capguard.models.report import detail_table
+    from tests.test_ray_sweep import swept_in_process
 
     checkpoint = init_checkpoint(tmp_path / "loop", "mlp2x_gelu", seed=0)
     dataset = load_dataset(ROOT / "samples" / "val" / "val.jsonl", limit=3)
@@ -242,12 +243,7 @@ def test_evaluation_reports_count_repetition_stops_as_the_guard_does(tmp_path):
     decoding = DecodingRequest(stop_on_repetition=True)
     plan = SweepPlan((str(checkpoint),), tuple(str(i.path) for i in dataset.items), 2, None, LIMIT, "cpu",
                      decoding.given())
-    worker, done = SweepWorker(plan), {}
-    for unit in plan.units():
-        for row in worker({key: [value] for key, value in unit.items()})["row"]:
-            row = json.loads(row)
-            done[(row["checkpoint"], row["video"])] = row
-    swept = write_report(plan, dataset, done, tmp_path / "swept", paths=[str(checkpoint)], names=["loop"])
+    swept = write_report(plan, dataset, swept_in_process(plan), tmp_path / "swept", paths=[str(checkpoint)], names=["loop"])
     row = swept["checkpoints"][0]
     assert (row["repetition_stops"], row["degenerate_share"]) == (3, 1.0)
     assert (tmp_path / "swept" / "captions.jsonl").read_bytes() == (tmp_path / "stop-True" / "captions.jsonl").read_bytes()

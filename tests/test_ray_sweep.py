@@ -37,16 +37,20 @@ def plan(batch_size: int = 2) -> SweepPlan:
     return SweepPlan(tuple(CHECKPOINTS), tuple(str(i.path) for i in dataset.items), batch_size, None, None, "cpu")
 
 
+def swept_in_process(the_plan: SweepPlan) -> dict:
+    """Every unit of the plan through one SweepWorker in this process (no Ray): {(checkpoint, video): row}."""
+    worker, done = SweepWorker(the_plan), {}
+    for unit in the_plan.units():
+        for row in worker({key: [value] for key, value in unit.items()})["row"]:
+            row = json.loads(row)
+            done[(row["checkpoint"], row["video"])] = row
+    return done
+
+
 @pytest.mark.slow   # two stacks loaded twice: ~10 s
 def test_worker_as_plain_object_gives_the_local_report(local, tmp_path):
     the_plan, dataset = plan(), load_dataset(VIDEOS, limit=5)
-    worker = SweepWorker(the_plan)
-    done = {}
-    for unit in the_plan.units():
-        batch = {key: [value] for key, value in unit.items()}
-        for row in worker(batch)["row"]:
-            row = json.loads(row)
-            done[(row["checkpoint"], row["video"])] = row
+    done = swept_in_process(the_plan)
     report = write_report(the_plan, dataset, done, tmp_path, paths=CHECKPOINTS)
     assert comparable(report) == comparable(local[0])
     assert (tmp_path / "captions.jsonl").read_text(encoding="utf-8") == local[1]
@@ -216,12 +220,7 @@ def test_worker_carries_decoding_and_row_names_like_the_local_run(tmp_path):
     expected = evaluator.write()
     the_plan = SweepPlan((CHECKPOINTS[0],), tuple(str(i.path) for i in dataset.items), 2, None, None, "cpu",
                          decoding.given())
-    worker, done = SweepWorker(the_plan), {}
-    for unit in the_plan.units():
-        for row in worker({key: [value] for key, value in unit.items()})["row"]:
-            row = json.loads(row)
-            done[(row["checkpoint"], row["video"])] = row
-    report = write_report(the_plan, dataset, done, tmp_path / "swept", paths=CHECKPOINTS[:1], names=["mine"])
+    report = write_report(the_plan, dataset, swept_in_process(the_plan), tmp_path / "swept", paths=CHECKPOINTS[:1], names=["mine"])
     assert comparable(report) == comparable(expected) and report["run"]["decoding"] == decoding.given()
     assert (tmp_path / "swept" / "captions.jsonl").read_text(encoding="utf-8") == \
         (tmp_path / "local" / "captions.jsonl").read_text(encoding="utf-8")

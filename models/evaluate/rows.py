@@ -24,8 +24,8 @@ MIN_CORRELATION_POINTS = 3   # checkpoints with SigLIP and diversity before the 
 ROW_KEYS = (
     "name", "path", "fingerprint", "projector_type", "epoch", "n", "unique", "diversity", "near_unique",
     "near_unique_ratio", "top_mode_share", "top_mode", "repeat_probability", "distinct_1", "distinct_2",
-    "self_bleu", "content_unique_ratio", "vendi_score", "degenerate_share", "repetition_stops", "siglip_mean", "siglip_median", "grounding_r1", "grounding_margin", "bleu", "chrf",
-    "cider_d", "attribute_accuracy", "attribute_accuracy_by_name", "status", "tripped", "thresholds", "modes",
+    "self_bleu", "content_unique_ratio", "vendi_score", "degenerate_share", "repetition_stops", "siglip_mean",
+    "siglip_median", "grounding_r1", "grounding_margin", "bleu", "chrf", "cider_d", "attribute_accuracy", "attribute_accuracy_by_name", "status", "tripped", "thresholds", "modes",
     "num_frames", "seconds", "timings_s",
 )
 
@@ -44,8 +44,8 @@ def checkpoint_row(name: str, captions: Sequence[str], *, scores: Sequence[float
     for grounding and the Vendi score. degenerate: the degeneration kind (or None) per caption, computed with
     its token counts (capguard.models.degenerate); None: judged from the text alone. finish_reasons: why each
     caption ended ("stop", "length", "repetition": the stop_on_repetition option cut a loop), counted in
-    ``repetition_stops``; None (captions written by other code): not known, and the count is None. references/attributes: per video, None where absent. ids: video ids, to name a mode's
-    videos. info: path, fingerprint, ... copied into the row. Verdict: "collapsed" if any guard rule of
+    ``repetition_stops``; None (captions written by other code): not known, and the count is None.
+    references/attributes: per video, None where absent. ids: video ids, to name a mode's videos. info: path, fingerprint, ... copied into the row. Verdict: "collapsed" if any guard rule of
     thresholds (default GuardThresholds()) trips; the row records the thresholds it was judged by.
 
     Example: checkpoint_row("e4", ["같은 말"] * 97) -> unique 1, diversity 0.0103, status "collapsed",
