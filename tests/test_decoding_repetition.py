@@ -212,6 +212,7 @@ def test_a_stop_too_short_for_the_detector_is_still_a_loop_to_the_guard():
     assert Guard("g", GuardSettings(window=10, min_captions=4)).restore(rows).degenerate_share == 1.0
 
 
+@pytest.mark.slow   # three passes of a random stack over 3 videos: ~8 s
 def test_evaluation_reports_count_repetition_stops_as_the_guard_does(tmp_path):
     """An offline evaluation with stop_on_repetition: the report row counts the rows the option cut
     (``repetition_stops``), judges each as a loop as the server's guard does (the cut text may read clean),

@@ -286,6 +286,7 @@ def test_a_job_that_fails_says_why(client):
     assert job["progress"] == {"done": 1, "total": 1} and job["report"] is None
 
 
+@pytest.mark.slow   # a whole evaluation job in its own process: ~11 s
 def test_a_relative_data_dir_reaches_the_job_process(server_settings, datasets, tmp_path, monkeypatch):
     """The default data dir is relative ("data"); the job process runs in the datasets root, so the job
     directory it is given must not be (it once read <datasets root>/data/... and failed every job)."""
