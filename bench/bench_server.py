@@ -20,7 +20,11 @@
    ``--engine hf vllm`` replaces the one server with one per engine (``CAPGUARD_ENGINE``), rows
    ``hf cN`` and ``vllm cN``; the naive loop stays HF's (engine hf), whatever the environment says.
 3. Rounds: naive, then each concurrency, repeated ``--rounds`` times, so a change in the machine's
-   load hits all of them alike; the table shows each run's median (and range) over the rounds.
+   load hits all of them alike; the table shows each run's median (and range) over the rounds. One more
+   naive run after the last round gives every server run a naive run just before and after it: the
+   "paired" ratios divide each run by the mean of those two (the host's speed drifts on a shared VM).
+   ``--passes K`` sends every video K times per run (naive loop too): a server fills its pipeline at
+   the start of a run and drains it at the end, which weighs less over more requests.
 4. The model's own ceiling: ``stack.caption`` alone on decoded frames at batch 1, 4 and 8 (ms per
    video). Naive ms / batch-B ms is what a server whose model thread never idles could reach with
    batches of B; concurrency 8 gives batches of about 4 (while one batch runs, the other half of the
@@ -60,10 +64,12 @@ DEFAULT_MANIFEST = REPO / "samples" / "val" / "val.jsonl"
 
 @dataclass
 class Run:
-    """One pass over all videos by one contender (naive loop or the server at one concurrency)."""
+    """One run of one contender (naive loop or the server at one concurrency): ``--passes`` passes over all
+    videos."""
     wall_s: float                     # first request sent -> last answer received
-    latencies_s: list[float]          # per video, request sent -> answer
-    captions: dict[str, str]          # video name -> caption
+    latencies_s: list[float]          # per request, request sent -> answer
+    captions: dict[str, str]          # video name -> caption (a marker that differs from any caption when
+                                      # the passes disagree: see same_captions)
     batch: float = 1.0                # mean videos per model call (from /metrics)
     server_cpu_s: float | None = None  # server + decoder processes, user + system
     client_cpu_s: float | None = None  # this process during the run (HTTP client, or the naive loop itself)
@@ -173,17 +179,17 @@ def naive_runner(checkpoint: Path, device: str) -> tuple[Callable[..., Run],
         if threads is not None:   # process-wide; put back after this run
             torch.set_num_threads(threads)
         try:
-            captions, latencies = {}, []
+            answers, latencies = [], []
             busy0, cpu0, started = machine_busy_s(), own_cpu_s(), time.perf_counter()
             for path in paths:
                 t0 = time.perf_counter()
-                captions[path.name] = one(path)
+                answers.append((path.name, one(path)))
                 latencies.append(time.perf_counter() - t0)
             wall = time.perf_counter() - started
         finally:
             torch.set_num_threads(before)
         ours = own_cpu_s() - cpu0
-        return Run(wall, latencies, captions, client_cpu_s=ours,
+        return Run(wall, latencies, same_captions(answers), client_cpu_s=ours,
                    others_cpu=others_cpu(busy0, machine_busy_s(), ours, wall))
 
     def model(paths: list[Path], batch: int) -> float:
@@ -269,11 +275,24 @@ def server_run(url: str, server_pid: int, paths: list[Path], concurrency: int) -
         wall = time.perf_counter() - started
         busy1, server1, client1 = machine_busy_s(), process_cpu_s(server_pid), own_cpu_s()
         sum1, count1 = batch_stats(client, url)
-    return Run(wall, [a[2] for a in answers], {a[0]: a[1] for a in answers},
+    return Run(wall, [a[2] for a in answers], same_captions([a[:2] for a in answers]),
                batch=(sum1 - sum0) / max(1.0, count1 - count0),
                server_cpu_s=None if server0 is None or server1 is None else server1 - server0,
                client_cpu_s=client1 - client0,
                others_cpu=others_cpu(busy0, busy1, (server1 or 0.0) - (server0 or 0.0) + client1 - client0, wall))
+
+
+def same_captions(answers: list[tuple[str, str]]) -> dict[str, str]:
+    """Video name -> caption over several passes; a video whose passes gave different captions gets a
+    marker that equals no caption, so it counts as differing from the reference.
+
+    Example: same_captions([("a", "x"), ("a", "x"), ("b", "y"), ("b", "z")]) -> {"a": "x", "b": "<passes differ: y | z>"}
+    """
+    seen: dict[str, list[str]] = {}
+    for name, caption in answers:
+        if caption not in seen.setdefault(name, []):
+            seen[name].append(caption)
+    return {name: c[0] if len(c) == 1 else f"<passes differ: {' | '.join(c)}>" for name, c in seen.items()}
 
 
 def differing(reference: dict[str, str], captions: dict[str, str]) -> list[str]:
@@ -285,6 +304,8 @@ def differing(reference: dict[str, str], captions: dict[str, str]) -> list[str]:
 
 
 def table(results: dict[str, Summary], videos: int, reference: dict[str, str]) -> list[str]:
+    """The table's lines; `videos` is the requests per run (rates, CPU per video), `reference` the naive
+    loop's caption of each distinct video."""
     def per_video_ms(values: list[float | None]) -> str:
         known = [v for v in values if v is not None]
         return f"{1000 * statistics.median(known) / videos:.1f}" if known else "-"
@@ -295,7 +316,7 @@ def table(results: dict[str, Summary], videos: int, reference: dict[str, str]) -
     for name, summary in results.items():
         rates = summary.rates(videos)
         latencies = sorted(t for r in summary.runs for t in r.latencies_s)
-        same = min(videos - len(differing(reference, r.captions)) for r in summary.runs)
+        same = min(len(reference) - len(differing(reference, r.captions)) for r in summary.runs)
         others = [r.others_cpu for r in summary.runs if r.others_cpu is not None]
         lines.append(f"{name:<{width}} {statistics.median(rates):>9.2f} {min(rates):>6.2f}-{max(rates):<6.2f} "
                      f"{1000 * statistics.median(latencies):>8.1f} "
@@ -303,8 +324,23 @@ def table(results: dict[str, Summary], videos: int, reference: dict[str, str]) -
                      f"{statistics.mean(r.batch for r in summary.runs):>6.2f} "
                      f"{per_video_ms([r.server_cpu_s for r in summary.runs]):>12} "
                      f"{per_video_ms([r.client_cpu_s for r in summary.runs]):>13} "
-                     f"{f'{statistics.median(others):.2f}' if others else '-':>10} {same:>9}/{videos}")
+                     f"{f'{statistics.median(others):.2f}' if others else '-':>10} {same:>9}/{len(reference)}")
     return lines
+
+
+def paired_ratios(rates: list[float], naive_rates: list[float]) -> list[float]:
+    """Round i's rate over the mean of the naive rates of rounds i and i + 1 (``naive_rates`` has one more
+    entry: the naive run after the last round).
+
+    Example: paired_ratios([30.0, 33.0], [10.0, 10.0, 12.0]) -> [3.0, 3.0].
+    """
+    return [rate / ((naive_rates[i] + naive_rates[i + 1]) / 2) for i, rate in enumerate(rates)]
+
+
+def paired_summary(rates: list[float], naive_rates: list[float]) -> str:
+    """'2.95x (2.80-3.10)': the median and range of paired_ratios."""
+    ratios = paired_ratios(rates, naive_rates)
+    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
 def main() -> None:
@@ -314,6 +350,9 @@ def main() -> None:
     parser.add_argument("--videos", type=int, default=None, help="the first N of the manifest (default: all)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--passes", type=int, default=1, help="passes over the videos in each run (naive loop "
+                        "and server alike): the server's fill at the start and drain at the end of a run weigh "
+                        "less with more passes, i.e. closer to its throughput under sustained load")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, naive loop and server alike")
     parser.add_argument("--naive-threads", type=int, nargs="*", default=[], metavar="N",
                         help="also run the naive loop with N torch threads (rows 'naive tN'): a plain loop left "
@@ -333,9 +372,13 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    paths = manifest_videos(args.manifest, args.videos)
-    n = len(paths)
-    print(f"checkpoint {args.checkpoint}; {n} videos from {args.manifest}; {args.rounds} rounds; "
+    if args.passes < 1:
+        parser.error("--passes must be at least 1")
+    videos = manifest_videos(args.manifest, args.videos)
+    paths = videos * args.passes   # every run sends these, in this order
+    n = len(paths)                 # requests per run: rates and CPU per video count each pass
+    print(f"checkpoint {args.checkpoint}; {len(videos)} videos x {args.passes} passes from {args.manifest}; "
+          f"{args.rounds} rounds; "
           f"torch threads {args.threads}; device {args.device}; {os.cpu_count()} CPUs; "
           f"load average {os.getloadavg()[0]:.2f}")
 
@@ -371,6 +414,7 @@ def main() -> None:
                 print(f"round {round_ + 1}/{args.rounds}: naive {n / results['naive'].runs[-1].wall_s:.1f} v/s, "
                       + ", ".join(f"{name} {n / s.runs[-1].wall_s:.1f}" for name, s in results.items()
                                   if name != "naive"), flush=True)
+            closing_naive = naive(paths)   # after the last round: every run has a naive run before and after it
         finally:
             for process, _ in servers.values():
                 process.terminate()
@@ -386,6 +430,13 @@ def main() -> None:
         print(f"\n{prefix}throughput / naive loop: " + "   ".join(
             f"c{c} {results[f'{v.label} c{c}'].median_rate(n) / base:.2f}x" for c in args.concurrency), end="")
     print()
+    # The host's speed drifts within a run (on a shared VM the naive loop moved 9.3 -> 11.7 v/s over three
+    # rounds): a run against the naive runs just before and after it is the ratio that drift disturbs least.
+    naive_rates = [n / r.wall_s for r in [*results["naive"].runs, closing_naive]]
+    for v in variants:
+        prefix = "" if v.label == "server" else f"{v.label} "
+        print(f"{prefix}paired (each run / mean of the naive runs before and after it): " + "   ".join(
+            f"c{c} {paired_summary(results[f'{v.label} c{c}'].rates(n), naive_rates)}" for c in args.concurrency))
     if naive_extra:
         best = max(["naive", *naive_extra], key=lambda name: results[name].median_rate(n))
         best_rate = results[best].median_rate(n)

@@ -91,6 +91,12 @@ def test_bench_server_helpers():
 
     assert bench_server.differing({"a": "x", "b": "y"}, {"a": "x", "b": "z"}) == ["b"]
     assert bench_server.differing({"a": "x"}, {}) == ["a"]
+    # several passes: a video whose passes disagree differs from any reference caption
+    assert bench_server.same_captions([("a", "x"), ("a", "x"), ("b", "y")]) == {"a": "x", "b": "y"}
+    assert bench_server.differing({"b": "y"}, bench_server.same_captions([("b", "y"), ("b", "z")])) == ["b"]
+    # each run against the naive runs just before and after it
+    assert bench_server.paired_ratios([30.0, 33.0], [10.0, 10.0, 12.0]) == [3.0, 3.0]
+    assert bench_server.paired_summary([30.0, 44.0], [10.0, 10.0, 12.0]) == "3.50x (3.00-4.00)"
     cpu = bench_server.process_cpu_s(os.getpid(), with_children=False)
     assert cpu is None or cpu > 0
     if VAL.is_file():
@@ -109,11 +115,14 @@ def test_bench_metrics_runs_on_the_demo_stack():
 @needs_demo
 @pytest.mark.slow
 def test_bench_server_compares_captions_with_the_naive_loop():
-    stdout = run("bench_server.py", "--videos", "6", "--rounds", "1", "--concurrency", "1", "4", timeout=600)
+    stdout = run("bench_server.py", "--videos", "6", "--rounds", "1", "--passes", "2", "--concurrency", "1", "4",
+                 timeout=600)
     rows = table_rows(stdout, "run")
     assert [r[0] for r in rows] == ["naive", "server", "server"]
-    assert all(r[-1] == "6/6" for r in rows)                   # the server's captions are the naive loop's
+    assert all(r[-1] == "6/6" for r in rows)                   # the server's captions are the naive loop's, every pass
+    assert "6 videos x 2 passes" in stdout
     assert "throughput / naive loop: c1" in stdout
+    assert "paired (each run / mean of the naive runs before and after it): c1" in stdout
 
 
 @pytest.mark.slow   # a fresh interpreter (torch, transformers): 14-140 s on 2 busy cores
