@@ -20,7 +20,8 @@
    ``--engine hf vllm`` replaces the one server with one per engine (``CAPGUARD_ENGINE``), rows
    ``hf cN`` and ``vllm cN``; the naive loop stays HF's (engine hf), whatever the environment says.
 3. Rounds: naive, then each concurrency, repeated ``--rounds`` times, so a change in the machine's
-   load hits all of them alike; the table shows each run's median (and range) over the rounds. One more
+   load hits all of them alike (the servers' order turns by one each round); the table shows each run's
+   median (and range) over the rounds. One more
    naive run after the last round gives every server run a naive run just before and after it: the
    "paired" ratios divide each run by the mean of those two (the host's speed drifts on a shared VM).
    ``--passes K`` sends every video K times per run (naive loop too): a server fills its pipeline at
@@ -408,8 +409,11 @@ def main() -> None:
                 results["naive"].runs.append(naive(paths))
                 for name, threads in naive_extra.items():
                     results[name].runs.append(naive(paths, threads))
+                # the servers' order turns by one each round: none is always the one measured right after the
+                # naive loop (or always last)
+                order = list(servers.items())[round_ % len(servers):] + list(servers.items())[:round_ % len(servers)]
                 for c in args.concurrency:
-                    for label, (process, url) in servers.items():
+                    for label, (process, url) in order:
                         results[f"{label} c{c}"].runs.append(server_run(url, process.pid, paths, c))
                 print(f"round {round_ + 1}/{args.rounds}: naive {n / results['naive'].runs[-1].wall_s:.1f} v/s, "
                       + ", ".join(f"{name} {n / s.runs[-1].wall_s:.1f}" for name, s in results.items()

@@ -134,12 +134,17 @@ def test_vllm_options_from_the_environment(monkeypatch):
     from capguard.models.engines.vllm_engine import VLLMOptions
 
     assert VLLMOptions.from_env().executor is None   # auto: the model runs inside the engine core on a CPU
+    # the running batch: below a CPU server's clients (they stagger instead of moving in waves), wide on a GPU
+    assert (VLLMOptions.from_env().running_seqs(on_gpu=False), VLLMOptions.from_env().running_seqs(on_gpu=True)) == (12, 32)
+    monkeypatch.setenv("CAPGUARD_VLLM_MAX_NUM_SEQS", "20")
+    assert VLLMOptions.from_env().running_seqs(on_gpu=False) == 20
+    monkeypatch.delenv("CAPGUARD_VLLM_MAX_NUM_SEQS")
     monkeypatch.setenv("CAPGUARD_VLLM_EXECUTOR", "MP")
     monkeypatch.setenv("CAPGUARD_VLLM_CPU_THREADS", "3")
     options = VLLMOptions.from_env()
     assert (options.executor, options.cpu_threads) == ("mp", 3)
     for name, value in [("CAPGUARD_VLLM_EXECUTOR", "ray"), ("CAPGUARD_VLLM_CPU_THREADS", "0"),
-                        ("CAPGUARD_VLLM_CPU_THREADS", "many")]:
+                        ("CAPGUARD_VLLM_CPU_THREADS", "many"), ("CAPGUARD_VLLM_MAX_NUM_SEQS", "0")]:
         monkeypatch.setenv(name, value)
         with pytest.raises(EngineError, match=name):
             VLLMOptions.from_env()

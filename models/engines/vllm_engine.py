@@ -65,7 +65,13 @@ class VLLMOptions:
     # GPU: share of the GPU vLLM may take (weights + KV + graphs); the rest is capguard's encoder, projector,
     # scorer and the LLM's input embedding table (capguard.models.llm_embeddings: no second copy of the LLM)
     gpu_memory_utilization: float = 0.5
-    max_num_seqs: int = 32          # requests in the running batch; more wait in vLLM's queue
+    # Requests in the running batch; more wait in vLLM's queue. None: 32 on a GPU, 12 on a CPU. On a CPU the
+    # engine core is one thread and everything else (decoders, encoder, scorer) needs the other cores: with
+    # room for every client the 16 clients of bench_server.py moved in waves (all in the engine, then none), so
+    # a core idled; a cap below the clients keeps a queue in the engine and staggers them. c16 on the 2-core
+    # dev box: 12 beat 32 in 17 of 18 side-by-side rounds, median +12 % (bench/RESULTS.md, session 6); 10 and
+    # 14 gained less, 6 nothing; at c32 12 was as fast as 32.
+    max_num_seqs: int | None = None
     max_model_len: int = 4096       # prompt + caption tokens; capped at the LLM's max_position_embeddings
     # None: eager on CPU (engine start ~11 s, compiled 17-48 s, measured), CUDA graphs on a GPU
     enforce_eager: bool | None = None
@@ -79,6 +85,10 @@ class VLLMOptions:
     # all cores but one (the one vLLM's own CPU binding leaves to the rest: API server, encoder, decoders)
     cpu_threads: int | None = None
 
+    def running_seqs(self, on_gpu: bool) -> int:
+        """max_num_seqs as set, else the device's default (see the field). Example: running_seqs(False) -> 12."""
+        return self.max_num_seqs or (32 if on_gpu else 12)
+
     @classmethod
     def from_env(cls) -> VLLMOptions:
         """CAPGUARD_VLLM_KV_CACHE_GIB (else VLLM_CPU_KVCACHE_SPACE), CAPGUARD_VLLM_GPU_MEMORY_UTILIZATION,
@@ -90,7 +100,7 @@ class VLLMOptions:
         options = cls(
             kv_cache_gib=_env("CAPGUARD_VLLM_KV_CACHE_GIB", int, _env("VLLM_CPU_KVCACHE_SPACE", int, 2)),
             gpu_memory_utilization=_env("CAPGUARD_VLLM_GPU_MEMORY_UTILIZATION", float, 0.5),
-            max_num_seqs=_env("CAPGUARD_VLLM_MAX_NUM_SEQS", int, 32),
+            max_num_seqs=_env("CAPGUARD_VLLM_MAX_NUM_SEQS", int, None),
             max_model_len=_env("CAPGUARD_VLLM_MAX_MODEL_LEN", int, 4096),
             enforce_eager=None if eager in ("", "auto") else eager in ("1", "true", "yes"),
             executor=None if executor in ("", "auto") else executor,
@@ -99,7 +109,7 @@ class VLLMOptions:
             raise EngineError("CAPGUARD_VLLM_CPU_THREADS must be >= 1")
         if options.kv_cache_gib < 1 or not 0 < options.gpu_memory_utilization <= 1:
             raise EngineError("CAPGUARD_VLLM_KV_CACHE_GIB must be a whole number >= 1 and CAPGUARD_VLLM_GPU_MEMORY_UTILIZATION in (0, 1]")
-        if options.max_num_seqs < 1 or options.max_model_len < 16:
+        if (options.max_num_seqs is not None and options.max_num_seqs < 1) or options.max_model_len < 16:
             raise EngineError("CAPGUARD_VLLM_MAX_NUM_SEQS must be >= 1 and CAPGUARD_VLLM_MAX_MODEL_LEN >= 16")
         return options
 
@@ -207,7 +217,7 @@ class VLLMCore:
             model=str(self.llm_dir), dtype=_DTYPES[self.dtype], enable_prompt_embeds=True,
             skip_tokenizer_init=True,          # capguard decodes ids with its own tokenizer (Captioner.finish)
             enable_prefix_caching=False,       # vLLM #56655: wrong KV reuse with prompt embeddings
-            enforce_eager=eager, max_num_seqs=self.options.max_num_seqs,
+            enforce_eager=eager, max_num_seqs=self.options.running_seqs(on_gpu),
             max_model_len=max_len,                # vLLM refuses more than the LLM's positions
             gpu_memory_utilization=self.options.gpu_memory_utilization,
             seed=0, disable_log_stats=True, distributed_executor_backend=executor)
