@@ -21,9 +21,9 @@
    ``hf cN`` and ``vllm cN``; the naive loop stays HF's (engine hf), whatever the environment says.
 3. Rounds: naive, then each concurrency, repeated ``--rounds`` times, so a change in the machine's
    load hits all of them alike (the servers' order turns by one each round); the table shows each run's
-   median (and range) over the rounds. One more
-   naive run after the last round gives every server run a naive run just before and after it: the
-   "paired" ratios divide each run by the mean of those two (the host's speed drifts on a shared VM).
+   median (and range) over the rounds. One more naive run after the last round gives every server run a
+   naive run just before and after it: the "paired" ratios divide each run by the mean of those two (the
+   host's speed drifts on a shared VM).
    ``--passes K`` sends every video K times per run (naive loop too): a server fills its pipeline at
    the start of a run and drains it at the end, which weighs less over more requests.
 4. The model's own ceiling: ``stack.caption`` alone on decoded frames at batch 1, 4 and 8 (ms per

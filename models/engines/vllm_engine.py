@@ -69,8 +69,8 @@ class VLLMOptions:
     # engine core is one thread and everything else (decoders, encoder, scorer) needs the other cores: with
     # room for every client the 16 clients of bench_server.py moved in waves (all in the engine, then none), so
     # a core idled; a cap below the clients keeps a queue in the engine and staggers them. c16 on the 2-core
-    # dev box: 12 beat 32 in 17 of 18 side-by-side rounds, median +12 % (bench/RESULTS.md, session 6); 10 and
-    # 14 gained less, 6 nothing; at c32 12 was as fast as 32.
+    # dev box: 12 beat 32 in 19 of 21 side-by-side rounds, median +12 % (bench/RESULTS.md, session 6); 10 and
+    # 14 gained less, 6 nothing; at c32 12 was as fast as 32 or faster.
     max_num_seqs: int | None = None
     max_model_len: int = 4096       # prompt + caption tokens; capped at the LLM's max_position_embeddings
     # None: eager on CPU (engine start ~11 s, compiled 17-48 s, measured), CUDA graphs on a GPU
