@@ -79,6 +79,7 @@ def test_serve_answers_a_real_upload_and_its_caption_survives_kill_9(checkpoints
     assert [(row["video_sha256"], row["caption"]) for row in rows] == [(body["video_sha256"], body["caption"])]
 
 
+@pytest.mark.slow   # a fresh `capguard serve` process importing torch and transformers: 7.6 s of make check's 85
 def test_serve_refuses_a_missing_checkpoint(tmp_path):
     result = subprocess.run([*capguard_command(), "serve", "--checkpoint", str(tmp_path / "nothing")],
                             capture_output=True, text=True, timeout=60)
