@@ -70,8 +70,8 @@ def load_open_clip(directory: str | Path) -> tuple[nn.Module, dict]:
 class FramePreprocessor(nn.Module):
     """Batched uint8 frames -> normalized pixels, following the model's own preprocess config.
 
-    Does what open_clip's PIL pipeline does (resize the shortest side, centre crop, normalize)
-    on tensors, so 8 frames x B videos are one interpolate call instead of 8B PIL images.
+    Does what open_clip's PIL pipeline does (resize the shortest side of the uint8 image, centre crop, scale
+    to [0, 1], normalize) on tensors, so 8 frames x B videos are one interpolate call instead of 8B PIL images.
     """
 
     def __init__(self, cfg: dict):
@@ -87,9 +87,7 @@ class FramePreprocessor(nn.Module):
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         """(F, H, W, 3) uint8 -> (F, 3, S, S) float."""
-        # contiguous NCHW before the resize: the antialiased interpolate is ~1.4x slower on the strided
-        # (channels-last) view of HWC frames, with bit-identical output (bench/RESULTS.md, Performance)
-        x = frames.permute(0, 3, 1, 2).contiguous().float().div_(255.0)  # (F, 3, H, W)
+        x = frames.permute(0, 3, 1, 2)   # (F, 3, H, W) uint8, a channels-last view of the HWC frames
         h, w = x.shape[-2:]
         th, tw = self.size
         if self.resize_mode == "squash":
@@ -101,13 +99,22 @@ class FramePreprocessor(nn.Module):
             else:
                 new_h, new_w = round(h * scale), round(w * scale)
         if (new_h, new_w) != (h, w):
-            mode = "bicubic" if self.interpolation == "bicubic" else "bilinear"
-            x = F.interpolate(x, size=(new_h, new_w), mode=mode, antialias=True, align_corners=False).clamp_(0, 1)
+            x = self._resize(x, (new_h, new_w))
         if self.resize_mode == "longest":
             x = F.pad(x, (0, tw - new_w, 0, th - new_h))
         top, left = (x.shape[-2] - th) // 2, (x.shape[-1] - tw) // 2
-        x = x[..., top:top + th, left:left + tw]
-        return (x - self.mean) / self.std
+        x = x[..., top:top + th, left:left + tw].float().div_(255.0)
+        return ((x - self.mean) / self.std).contiguous()
+
+    def _resize(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Antialiased resize of uint8 frames to uint8, as PIL resizes an RGB image (what open_clip's transforms
+        and transformers' image processors do before scaling to [0, 1]). torch's uint8 kernels stay within a
+        level or two of PIL (tests/test_perf_paths.py) and are ~8x faster than a float resize, which strays up to
+        24 levels from PIL where bicubic overshoots (PIL clips between its passes). They run on the CPU only,
+        so frames on another device come to the CPU for it: every device then sees the same pixels."""
+        mode = "bicubic" if self.interpolation == "bicubic" else "bilinear"
+        y = F.interpolate(x.cpu(), size=size, mode=mode, antialias=True, align_corners=False)
+        return y.to(x.device)
 
 
 class VisionEncoder(nn.Module):

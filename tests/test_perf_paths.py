@@ -18,33 +18,44 @@ from capguard.models.encoder import FramePreprocessor
 from capguard.models.stack import load_stack
 
 
-def reference_preprocess(pre: FramePreprocessor, frames: torch.Tensor) -> torch.Tensor:
-    """FramePreprocessor.forward as first written (strided channels-last resize): the ground truth."""
-    x = frames.permute(0, 3, 1, 2).float() / 255.0
-    h, w = x.shape[-2:]
-    th, tw = pre.size
-    if pre.resize_mode == "squash":
-        new_h, new_w = th, tw
-    else:
-        scale = max(th / h, tw / w) if pre.resize_mode == "shortest" else min(th / h, tw / w)
-        new_h, new_w = round(h * scale), round(w * scale)
-    if (new_h, new_w) != (h, w):
-        mode = "bicubic" if pre.interpolation == "bicubic" else "bilinear"
-        x = F.interpolate(x, size=(new_h, new_w), mode=mode, antialias=True, align_corners=False).clamp_(0, 1)
-    if pre.resize_mode == "longest":
-        x = F.pad(x, (0, tw - new_w, 0, th - new_h))
-    top, left = (x.shape[-2] - th) // 2, (x.shape[-1] - tw) // 2
-    return (x[..., top:top + th, left:left + tw] - pre.mean) / pre.std
+def pil_preprocess(pre: FramePreprocessor, frames: torch.Tensor) -> torch.Tensor:
+    """The ground truth: what open_clip's transforms and transformers' image processors do, frame by frame
+    with PIL (resize the uint8 RGB image, crop or pad, scale to [0, 1], normalize)."""
+    from PIL import Image
+
+    out = []
+    for frame in frames.numpy():
+        h, w = frame.shape[:2]
+        th, tw = pre.size
+        if pre.resize_mode == "squash":
+            new_h, new_w = th, tw
+        else:
+            scale = max(th / h, tw / w) if pre.resize_mode == "shortest" else min(th / h, tw / w)
+            new_h, new_w = round(h * scale), round(w * scale)
+        resample = Image.BICUBIC if pre.interpolation == "bicubic" else Image.BILINEAR
+        x = torch.from_numpy(np.asarray(Image.fromarray(frame).resize((new_w, new_h), resample))).permute(2, 0, 1)
+        if pre.resize_mode == "longest":
+            x = F.pad(x, (0, tw - new_w, 0, th - new_h))
+        top, left = (x.shape[-2] - th) // 2, (x.shape[-1] - tw) // 2
+        out.append(x[:, top:top + th, left:left + tw])
+    return (torch.stack(out).float() / 255.0 - pre.mean) / pre.std
 
 
 @pytest.mark.parametrize("mode", ["squash", "shortest", "longest"])
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
-@pytest.mark.parametrize("frame_hw", [(72, 128), (64, 64), (30, 20)])
-def test_frame_preprocessing_is_bit_identical_to_the_reference(mode, interpolation, frame_hw):
+@pytest.mark.parametrize("frame_hw", [(72, 128), (64, 64), (30, 20), (128, 128)])
+def test_frame_preprocessing_is_what_pil_gives(mode, interpolation, frame_hw):
+    """Within two uint8 levels of PIL on every pixel and nearly always equal, also on noise (where a float resize
+    strayed up to 24 levels: bicubic overshoots, and PIL clips between its passes); a batch gives what its
+    frames give one by one."""
     pre = FramePreprocessor({"size": 64, "resize_mode": mode, "interpolation": interpolation,
                              "mean": [0.48, 0.45, 0.40], "std": [0.26, 0.26, 0.27]})
     frames = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (5, *frame_hw, 3), dtype=np.uint8))
-    assert torch.equal(pre(frames), reference_preprocess(pre, frames))
+    got, want = pre(frames), pil_preprocess(pre, frames)
+    levels = ((got - want) * pre.std * 255).abs()           # in uint8 levels
+    assert got.shape == want.shape == (5, 3, 64, 64) and got.is_contiguous()
+    assert levels.max() < 2.0 + 1e-3 and levels.mean() < 0.02
+    assert torch.equal(torch.cat([pre(frames[i:i + 1]) for i in range(5)]), got)
 
 
 @pytest.fixture(scope="module")
