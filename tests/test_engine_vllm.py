@@ -54,6 +54,35 @@ def test_usage_stats_stay_off_and_kv_space_is_bounded(cache):
     assert not config.cache_config.enable_prefix_caching
 
 
+def test_engine_core_runs_with_tcmalloc_where_the_system_has_it(cache):
+    """The engine core is a spawned process; the allocator vLLM's CPU guide asks for is mapped in it."""
+    from capguard.models.engines.vllm_engine import tcmalloc_library
+    from capguard.models.stack import load_stack
+
+    if tcmalloc_library() is None:
+        pytest.skip("no tcmalloc on this system (make install-vllm installs libtcmalloc-minimal4)")
+    load_stack(ROOT / "checkpoints" / "demo", device="cpu", cache=cache, engine="vllm")
+    cores = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _comm(p).startswith("VLLM::EngineCor")
+             and _parent(p) == os.getpid()]
+    assert cores, "no engine-core child process found"
+    assert all("libtcmalloc" in (p / "maps").read_text() for p in cores)
+    assert "libtcmalloc" not in os.environ.get("LD_PRELOAD", "")   # only the engine core's environment had it
+
+
+def _comm(proc: Path) -> str:
+    try:
+        return (proc / "comm").read_text()
+    except OSError:
+        return ""
+
+
+def _parent(proc: Path) -> int:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
 def test_vllm_stack_keeps_only_the_llms_input_embeddings(cache):
     """vLLM holds the LLM; the capguard process keeps its (V, D) input embedding table and tokenizer, not a
     second full model (issue 14: a 7B LLM twice on one GPU). Runs before any hf stack fills the cache."""

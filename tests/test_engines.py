@@ -129,6 +129,27 @@ def test_qwen2_shaped_preset_builds_what_it_names():
     assert llm.config.intermediate_size == 48
 
 
+def test_vllm_engine_core_gets_tcmalloc_preloaded(monkeypatch, tmp_path):
+    """vLLM's CPU guide asks for tcmalloc in LD_PRELOAD: the engine core gets the system's (auto), a given file,
+    or none (off); what LD_PRELOAD held stays, after it; a bad setting names the variable."""
+    from capguard.models.engines.vllm_engine import VLLMOptions, preload_env
+
+    library = tmp_path / "libtcmalloc_minimal.so.4"
+    library.write_bytes(b"")
+    monkeypatch.setenv("LD_PRELOAD", "/opt/other.so")
+    assert preload_env(str(library)) == {"LD_PRELOAD": f"{library}:/opt/other.so"}
+    assert preload_env("off") == {}
+    monkeypatch.setenv("LD_PRELOAD", f"{library}")
+    assert preload_env(str(library)) == {}                  # already there: not twice
+    monkeypatch.delenv("LD_PRELOAD")
+    assert VLLMOptions.from_env().tcmalloc == "auto"
+    monkeypatch.setenv("CAPGUARD_VLLM_TCMALLOC", str(library))
+    assert VLLMOptions.from_env().tcmalloc == str(library)
+    monkeypatch.setenv("CAPGUARD_VLLM_TCMALLOC", str(tmp_path / "missing.so"))
+    with pytest.raises(EngineError, match="CAPGUARD_VLLM_TCMALLOC"):
+        VLLMOptions.from_env()
+
+
 def test_vllm_options_from_the_environment(monkeypatch):
     """The vllm engine's settings parse without vLLM installed; a bad value names the variable."""
     from capguard.models.engines.vllm_engine import VLLMOptions
